@@ -1,0 +1,3 @@
+from lego_cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""`lego`: demo, up, generate, workflows, and each service on its own."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from lego.builtin_workflows import TINY_SD15_TXT2IMG
+from lego.client import GatewayClient, LegoError
+from lego.errors import InvalidRequest, StoreUnavailable
+from lego.grpc_server import channel
+from lego.log import configure_logging
+from lego.store import parse_store_url
+from lego.v1 import gateway_pb2, gateway_pb2_grpc
+from lego.values import Scalar, to_values
+
+from lego_cli.cluster import EmbeddedCluster, ProcessCluster
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+DEMO_PROMPT = "a red circle on a blue background"
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser, prompt_required: bool) -> None:
+    parser.add_argument("--prompt", required=prompt_required, default=DEMO_PROMPT)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--workflow", default=TINY_SD15_TXT2IMG)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--out", default="out.png", help="where to write the PNG (default: out.png)")
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Scalar]:
+    names = ["prompt", "negative_prompt", "steps", "guidance_scale", "seed", "height", "width"]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _write_result(out: str, reply: gateway_pb2.GenerateReply) -> None:
+    Path(out).write_bytes(reply.png)
+    summary = {
+        "out": out,
+        "request_id": reply.request_id,
+        "latency_s": round(reply.latency_s, 4),
+        "nodes_executed": reply.nodes_executed,
+        "size": [reply.width, reply.height],
+    }
+    print(json.dumps(summary), flush=True)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    async with EmbeddedCluster(workers=args.workers) as cluster, channel(cluster.gateway_address) as chan:
+        stub = gateway_pb2_grpc.GatewayStub(chan)
+        request = gateway_pb2.GenerateRequest(workflow=args.workflow, inputs=to_values(_inputs(args)))
+        reply = await stub.Generate(request)
+    _write_result(args.out, reply)
+    return 0
+
+
+async def _up_embedded(args: argparse.Namespace) -> int:
+    async with EmbeddedCluster(
+        workers=args.workers, grpc_port=args.grpc_port, http_port=args.http_port
+    ) as cluster:
+        _announce(cluster.gateway_address, cluster.http_address, args)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    return 0
+
+
+def _announce(gateway: str, http: str, args: argparse.Namespace) -> None:
+    print(
+        json.dumps({"gateway": gateway, "http": http, "workers": args.workers, "store": args.store}),
+        flush=True,
+    )
+
+
+def _up_processes(args: argparse.Namespace) -> int:
+    cluster = ProcessCluster(args.store, args.workers, args.grpc_port, args.http_port)
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        cluster.start()
+        http = f"127.0.0.1:{args.http_port}" if args.http_port is not None else ""
+        _announce(cluster.gateway_address, http, args)
+        while not stopping:
+            exited = [p.name for p in cluster.processes if p.process.poll() is not None]
+            if exited:
+                print(f"error: {', '.join(exited)} exited; stopping the cluster", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    try:
+        kind, host, port = parse_store_url(args.store)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if kind == "memory":
+        return asyncio.run(_up_embedded(args))
+    try:
+        from lego.etcd_store import EtcdStore
+
+        async def probe() -> None:
+            store = await EtcdStore.connect(host, port)
+            await store.close()
+
+        asyncio.run(probe())
+    except StoreUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return _up_processes(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    with GatewayClient(args.gateway) as client:
+        reply = client.generate(args.workflow, _inputs(args))
+    _write_result(args.out, reply)
+    return 0
+
+
+def _workflows(args: argparse.Namespace) -> int:
+    with GatewayClient(args.gateway) as client:
+        for workflow in client.list_workflows().workflows:
+            print(
+                json.dumps(
+                    {
+                        "name": workflow.name,
+                        "description": workflow.description,
+                        "nodes": workflow.node_count,
+                        "inputs": list(workflow.input_names),
+                    }
+                )
+            )
+    return 0
+
+
+def _serve(args: argparse.Namespace, rest: list[str]) -> int:
+    from importlib import import_module
+
+    module = import_module(f"lego_{args.service}.__main__")
+    result: int = module.main(rest)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lego", description="LegoDiffusion: micro-served diffusion workflows."
+    )
+    parser.add_argument("--log-level", default="warning", help="service log level (default: warning)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="start an embedded cluster, generate one image, exit")
+    _add_generation_flags(demo, prompt_required=False)
+    demo.add_argument("--workers", type=int, default=1)
+
+    up = commands.add_parser("up", help="run a local cluster until interrupted")
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--store", default="memory", help="memory (one process) | etcd://HOST:PORT (processes)")
+    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--http-port", type=int, default=None)
+
+    generate = commands.add_parser("generate", help="generate an image on a running cluster")
+    _add_generation_flags(generate, prompt_required=True)
+    generate.add_argument("--gateway", default=DEFAULT_GATEWAY)
+
+    workflows = commands.add_parser("workflows", help="list the registered workflows")
+    workflows.add_argument("action", choices=["list"])
+    workflows.add_argument("--gateway", default=DEFAULT_GATEWAY)
+
+    serve = commands.add_parser("serve", help="run one service (flags: python -m lego_<service> --help)")
+    serve.add_argument("service", choices=["gateway", "compiler", "coordinator", "worker", "dataengine"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.command == "serve":
+        return _serve(args, rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    configure_logging(args.log_level)
+    try:
+        if args.command == "demo":
+            return asyncio.run(_demo(args))
+        if args.command == "up":
+            return _up(args)
+        if args.command == "generate":
+            return _generate(args)
+        return _workflows(args)
+    except InvalidRequest as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    except LegoError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

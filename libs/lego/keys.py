@@ -1,0 +1,18 @@
+"""Where things live in the cluster store."""
+
+WORKERS = "/lego/workers/"
+WORKFLOWS = "/lego/workflows/"
+COORDINATOR_LEADER = "/lego/coordinator/leader"
+SERVICES = "/lego/services/"
+
+
+def worker(worker_id: str) -> str:
+    return WORKERS + worker_id
+
+
+def workflow(name: str) -> str:
+    return WORKFLOWS + name
+
+
+def service(kind: str, instance: str) -> str:
+    return f"{SERVICES}{kind}/{instance}"

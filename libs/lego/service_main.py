@@ -1,0 +1,60 @@
+"""The shared `main()` of every service process: parse flags, open the store, serve until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from lego.errors import StoreUnavailable
+from lego.log import configure_logging
+from lego.store import ClusterStore, open_store
+
+
+class Stoppable(Protocol):
+    address: str
+
+    async def stop(self) -> None: ...
+
+
+Starter = Callable[[ClusterStore, argparse.Namespace], Awaitable[Stoppable]]
+
+
+def base_parser(name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m lego_{name}", description=f"Run the {name} service.")
+    parser.add_argument("--store", default="memory", help="memory | etcd://HOST:PORT (default: memory)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+async def serve_until_signalled(name: str, start: Starter, args: argparse.Namespace) -> int:
+    try:
+        store = await open_store(args.store)
+    except (StoreUnavailable, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    service = await start(store, args)
+    # One JSON line on stdout says where the service listens (scripts and tests read it).
+    print(json.dumps({"service": name, "address": service.address}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await service.stop()
+    await store.close()
+    return 0
+
+
+def run_service(
+    name: str, start: Starter, argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> int:
+    args = (parser or base_parser(name)).parse_args(argv)
+    configure_logging(args.log_level)
+    return asyncio.run(serve_until_signalled(name, start, args))

@@ -1,0 +1,1 @@
+"""The compiler: validates workflow specs and registers templates in the cluster store."""

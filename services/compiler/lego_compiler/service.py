@@ -1,0 +1,87 @@
+"""The Compiler gRPC servicer: validate (pure passes in lego.graph), store, list."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+import grpc
+import structlog
+from lego import keys
+from lego.graph import validate_spec
+from lego.grpc_server import RunningServer, start_server
+from lego.store import ClusterStore, Registration
+from lego.v1 import common_pb2, compiler_pb2, compiler_pb2_grpc
+
+log = structlog.get_logger("lego.compiler")
+REGISTRATION_TTL_S = 5.0
+
+
+def summarize(spec: compiler_pb2.WorkflowSpec) -> compiler_pb2.WorkflowSummary:
+    return compiler_pb2.WorkflowSummary(
+        name=spec.name,
+        description=spec.description,
+        node_count=len(spec.nodes),
+        input_names=[i.name for i in spec.inputs],
+    )
+
+
+class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
+    def __init__(self, store: ClusterStore) -> None:
+        self.store = store
+
+    async def RegisterWorkflow(
+        self, request: compiler_pb2.WorkflowSpec, context: grpc.aio.ServicerContext
+    ) -> compiler_pb2.RegisterWorkflowReply:
+        errors = validate_spec(request)
+        if errors:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
+        await self.store.put(keys.workflow(request.name), request.SerializeToString())
+        log.info("workflow_registered", workflow=request.name, nodes=len(request.nodes))
+        per_model = Counter(node.model for node in request.nodes)
+        return compiler_pb2.RegisterWorkflowReply(
+            name=request.name, node_count=len(request.nodes), nodes_per_model=dict(per_model)
+        )
+
+    async def GetWorkflow(
+        self, request: compiler_pb2.GetWorkflowRequest, context: grpc.aio.ServicerContext
+    ) -> compiler_pb2.WorkflowSpec:
+        raw = await self.store.get(keys.workflow(request.name))
+        if raw is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown workflow {request.name!r}")
+            raise AssertionError("unreachable")
+        return compiler_pb2.WorkflowSpec.FromString(raw)
+
+    async def ListWorkflows(
+        self, request: common_pb2.Empty, context: grpc.aio.ServicerContext
+    ) -> compiler_pb2.ListWorkflowsReply:
+        stored = await self.store.get_prefix(keys.WORKFLOWS)
+        return compiler_pb2.ListWorkflowsReply(
+            workflows=[summarize(compiler_pb2.WorkflowSpec.FromString(raw)) for raw in stored.values()]
+        )
+
+
+class CompilerService:
+    def __init__(self, server: RunningServer, registration: Registration) -> None:
+        self.server = server
+        self.address = server.address
+        self._registration = registration
+
+    async def stop(self) -> None:
+        await self._registration.close()
+        await self.server.stop()
+
+
+async def serve(store: ClusterStore, host: str = "127.0.0.1", port: int = 0) -> CompilerService:
+    servicer = CompilerServicer(store)
+    server = await start_server(
+        lambda s: compiler_pb2_grpc.add_CompilerServicer_to_server(servicer, s),
+        [compiler_pb2.DESCRIPTOR.services_by_name["Compiler"].full_name],
+        host,
+        port,
+    )
+    registration = await store.register(
+        keys.service("compiler", uuid.uuid4().hex[:8]), server.address.encode(), REGISTRATION_TTL_S
+    )
+    log.info("compiler_started", address=server.address)
+    return CompilerService(server, registration)

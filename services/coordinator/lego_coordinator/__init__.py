@@ -1,0 +1,1 @@
+"""The coordinator: per-request DAG state, batching, placement; its scheduler is a pure core."""

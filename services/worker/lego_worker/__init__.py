@@ -1,0 +1,1 @@
+"""The worker: runs batches of model calls on one device."""
