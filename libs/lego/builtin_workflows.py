@@ -32,6 +32,7 @@ def sd15_txt2img(name: str, source: str, *, default_size: int = 512) -> compiler
             seed=seed,
             height=height,
             width=width,
+            extra_iterations=1,  # SD 1.5's PNDM scheduler (PLMS) repeats one timestep
         )
         wf.output("image", VAE(f"{source}:vae").decode(latents))
     return wf.to_spec()

@@ -99,6 +99,12 @@ def _expected_inputs(node: compiler_pb2.NodeSpec, errors: list[str]) -> tuple[st
         for attribute in operators.DENOISE_LOOP_ATTRIBUTES:
             if attribute not in node.attributes:
                 errors.append(f"node {node.id}: denoise loop needs attribute {attribute!r}")
+        for attribute in ("latent_channels", "vae_scale_factor", "extra_iterations"):
+            value = node.attributes.get(attribute, "0")
+            if not value.isdigit():
+                errors.append(
+                    f"node {node.id}: attribute {attribute} must be a non-negative integer, got {value!r}"
+                )
         return operators.DENOISE_LOOP_INPUTS
     try:
         signature = operators.signature(node.op, node.mode)
@@ -187,6 +193,7 @@ def _unroll_denoise_loop(
     if not isinstance(guidance, int | float):
         raise ValueError(f"node {loop.id}: guidance_scale must be a number per request, got {guidance!r}")
     cfg = guidance > 1.0
+    iterations = steps + int(loop.attributes.get("extra_iterations", "0"))
     scheduler = loop.attributes["scheduler"]
     state_key = loop.id
     init_id = f"{loop.id}/init"
@@ -200,6 +207,7 @@ def _unroll_denoise_loop(
             "height": inputs["height"],
             "width": inputs["width"],
             "steps": steps,
+            "iterations": iterations,
             "latent_channels": int(loop.attributes["latent_channels"]),
             "vae_scale_factor": int(loop.attributes["vae_scale_factor"]),
         },
@@ -207,7 +215,7 @@ def _unroll_denoise_loop(
         state_key=state_key,
     )
     previous = init_id
-    for step in range(steps):
+    for step in range(iterations):
         prefix = f"{loop.id}/step{step}"
 
         def denoiser(
@@ -252,7 +260,7 @@ def _unroll_denoise_loop(
             ("latents", "model_input", "timestep"),
             state_key=state_key,
             step=step + 1,
-            total_steps=steps,
+            total_steps=iterations,
         )
         previous = step_id
     return Ref(previous, "latents")

@@ -22,7 +22,7 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
     },
     "noise_scheduler": {
         "init": ModeSignature(
-            ("seed", "height", "width", "steps", "latent_channels", "vae_scale_factor"),
+            ("seed", "height", "width", "steps", "iterations", "latent_channels", "vae_scale_factor"),
             ("latents", "model_input", "timestep"),
             stateful=True,
         ),

@@ -191,8 +191,13 @@ def denoise_loop(
     width: Bindable,
     latent_channels: int = 4,
     vae_scale_factor: int = 8,
+    extra_iterations: int = 0,
 ) -> Handle:
-    """The denoising loop; steps and CFG (on iff guidance_scale > 1) are resolved per request."""
+    """The denoising loop; steps and CFG (on iff guidance_scale > 1) are resolved per request.
+
+    The loop runs once per entry of the scheduler's timesteps: `steps + extra_iterations` times
+    (PNDM's PLMS mode repeats one timestep, so it needs extra_iterations=1).
+    """
     inputs: dict[str, Any] = {
         "prompt_embeds": prompt_embeds,
         "negative_prompt_embeds": negative_prompt_embeds,
@@ -206,6 +211,7 @@ def denoise_loop(
         "scheduler": scheduler.model,
         "latent_channels": str(latent_channels),
         "vae_scale_factor": str(vae_scale_factor),
+        "extra_iterations": str(extra_iterations),
     }
     handles = current_workflow().add_node(
         operators.DENOISE_LOOP, denoiser.model, "", inputs, ("latents",), attributes

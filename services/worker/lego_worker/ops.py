@@ -105,6 +105,12 @@ def _next_inputs(scheduler: Any, latents: torch.Tensor, step_index: int) -> Outp
 def scheduler_init(template: Any, item: Item, states: SchedulerStates) -> Outputs:
     scheduler = states.create(item["state_key"], template)
     scheduler.set_timesteps(item["steps"])
+    if len(scheduler.timesteps) != item["iterations"]:
+        name, count = type(scheduler).__name__, len(scheduler.timesteps)
+        raise ValueError(
+            f"{name} makes {count} timesteps for {item['steps']} steps, "
+            f"but the workflow's denoise loop has {item['iterations']} iterations (set extra_iterations)"
+        )
     factor = item["vae_scale_factor"]
     shape = (1, item["latent_channels"], item["height"] // factor, item["width"] // factor)
     generator = torch.Generator("cpu").manual_seed(item["seed"])

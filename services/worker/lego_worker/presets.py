@@ -6,6 +6,7 @@ ever downloaded. The same preset built twice (same torch version) gives bit-iden
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_SD15 = "tiny-sd15"
 TOKENIZER_MAX_LENGTH = 77
+# Seeded construction uses torch's global RNG: two workers of one process must not interleave.
+_BUILD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -109,10 +112,11 @@ def build_sd15_scheduler() -> PNDMScheduler:
 
 def build_tiny_sd15(seed: int = 0) -> SD15Components:
     tokenizer = build_tiny_tokenizer()
-    return SD15Components(
-        tokenizer=tokenizer,
-        text_encoder=build_tiny_text_encoder(seed, len(tokenizer)),
-        unet=build_tiny_unet(seed + 1),
-        vae=build_tiny_vae(seed + 2),
-        scheduler=build_sd15_scheduler(),
-    )
+    with _BUILD_LOCK, torch.random.fork_rng():
+        return SD15Components(
+            tokenizer=tokenizer,
+            text_encoder=build_tiny_text_encoder(seed, len(tokenizer)),
+            unet=build_tiny_unet(seed + 1),
+            vae=build_tiny_vae(seed + 2),
+            scheduler=build_sd15_scheduler(),
+        )
