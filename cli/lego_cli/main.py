@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
 
 from lego.builtin_workflows import TINY_SD15_TXT2IMG
@@ -22,6 +23,8 @@ from lego.values import Scalar, to_values
 from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
+# `lego bench NAME`: each module has configure(parser) and run(args) -> exit code, and prints JSON.
+BENCHMARKS: dict[str, str] = {}
 DEMO_PROMPT = "a red circle on a blue background"
 
 
@@ -154,8 +157,6 @@ def _workflows(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
-    from importlib import import_module
-
     module = import_module(f"lego_{args.service}.__main__")
     result: int = module.main(rest)
     return result
@@ -186,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     workflows.add_argument("action", choices=["list"])
     workflows.add_argument("--gateway", default=DEFAULT_GATEWAY)
 
+    bench = commands.add_parser("bench", help="benchmarks that print JSON figures")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
+    for name, module_name in BENCHMARKS.items():
+        module = import_module(module_name)
+        module.configure(benchmarks.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0]))
+
     serve = commands.add_parser("serve", help="run one service (flags: python -m lego_<service> --help)")
     serve.add_argument("service", choices=["gateway", "compiler", "coordinator", "worker", "dataengine"])
     return parser
@@ -205,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "bench":
+            result: int = import_module(BENCHMARKS[args.benchmark]).run(args)
+            return result
         return _workflows(args)
     except InvalidRequest as error:
         print(f"error: {error.message}", file=sys.stderr)

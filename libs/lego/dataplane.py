@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from lego import tensors
+from lego.grpc_server import channel
 from lego.v1 import common_pb2, dataengine_pb2, dataengine_pb2_grpc
 
 CHUNK_BYTES = 1024 * 1024
@@ -48,3 +49,20 @@ async def put_array(
 async def get_array(stub: dataengine_pb2_grpc.DataEngineStub, handle: common_pb2.TensorHandle) -> np.ndarray:
     header, data = await read_chunks(stub.Get(dataengine_pb2.GetTensorRequest(handle=handle)))
     return tensors.from_bytes(header, data)
+
+
+class DataPlane:
+    """A process's access to its host's data engine: publish outputs, read inputs by handle.
+
+    Reads of tensors held elsewhere go through the local data engine, which pulls and caches them.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._stub = dataengine_pb2_grpc.DataEngineStub(channel(address))
+
+    async def put(self, tensor_id: str, array: np.ndarray) -> common_pb2.TensorHandle:
+        return await put_array(self._stub, tensor_id, array)
+
+    async def get(self, handle: common_pb2.TensorHandle) -> np.ndarray:
+        return await get_array(self._stub, handle)

@@ -20,7 +20,6 @@ from lego.v1 import (
     compiler_pb2_grpc,
     coordinator_pb2,
     coordinator_pb2_grpc,
-    dataengine_pb2_grpc,
 )
 from PIL import Image
 
@@ -57,6 +56,12 @@ class GatewayCore:
     def __init__(self, store: ClusterStore) -> None:
         self.store = store
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._data_planes: dict[str, dataplane.DataPlane] = {}
+
+    def _data(self, address: str) -> dataplane.DataPlane:
+        if address not in self._data_planes:
+            self._data_planes[address] = dataplane.DataPlane(address)
+        return self._data_planes[address]
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -96,8 +101,7 @@ class GatewayCore:
             if image_value is None or image_value.WhichOneof("kind") != "tensor":
                 raise GatewayError(grpc.StatusCode.INTERNAL, "workflow produced no image output")
             handle = image_value.tensor
-            source = dataengine_pb2_grpc.DataEngineStub(self._channel(handle.locations[0]))
-            image = await dataplane.get_array(source, handle)
+            image = await self._data(handle.locations[0]).get(handle)
             png = await asyncio.to_thread(encode_png, image)
             await self._release(request_id)
             latency = time.perf_counter() - started

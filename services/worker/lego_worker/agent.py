@@ -22,7 +22,6 @@ from lego.v1 import (
     common_pb2,
     coordinator_pb2,
     coordinator_pb2_grpc,
-    dataengine_pb2_grpc,
     worker_pb2,
     worker_pb2_grpc,
 )
@@ -86,7 +85,7 @@ class WorkerAgent:
         self.dataengine_address = dataengine_address
         self.executor = executor
         self.device = device
-        self.dataengine = dataengine_pb2_grpc.DataEngineStub(channel(dataengine_address))
+        self.data = dataplane.DataPlane(dataengine_address)
 
     async def run(self) -> None:
         """Serve the coordinator forever, reconnecting (to a new leader) when the stream breaks."""
@@ -126,7 +125,7 @@ class WorkerAgent:
 
     async def _fetch(self, value: common_pb2.Value) -> Any:
         if value.WhichOneof("kind") == "tensor":
-            return await dataplane.get_array(self.dataengine, value.tensor)
+            return await self.data.get(value.tensor)
         return from_value(value)
 
     async def _run_batch(self, batch: coordinator_pb2.TaskBatch) -> coordinator_pb2.BatchResult:
@@ -147,7 +146,7 @@ class WorkerAgent:
                 task_result = result.results.add(task_id=task.task_id)
                 for name in task.outputs:
                     tensor_id = f"{task.request_id}/{task.node_id}/{name}"
-                    handle = await dataplane.put_array(self.dataengine, tensor_id, produced[name])
+                    handle = await self.data.put(tensor_id, produced[name])
                     task_result.outputs[name].CopyFrom(handle)
         except Exception as error:
             log.exception("batch_failed", op=batch.op, model=batch.model)
