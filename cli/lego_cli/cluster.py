@@ -4,6 +4,7 @@ processes (one per service) sharing an etcd store."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -64,6 +65,7 @@ class EmbeddedCluster:
     grpc_port: int = 0
     http_port: int | None = None
     max_batch: Callable[[str, str, str], int] = default_max_batch
+    worker: worker.WorkerConfig = field(default_factory=worker.WorkerConfig)
     store: ClusterStore = field(default_factory=MemoryStore)
     services: list[Stoppable] = field(default_factory=list)
     gateway_address: str = ""
@@ -81,7 +83,8 @@ class EmbeddedCluster:
         self.services.append(coordinator_service)
         self.coordinator_address = coordinator_service.address
         for index in range(self.workers):
-            self.services.append(await worker.serve(self.store, engine.address, worker_id=f"worker-{index}"))
+            config = dataclasses.replace(self.worker, worker_id=f"worker-{index}")
+            self.services.append(await worker.serve(self.store, engine.address, config=config))
         front = await gateway.serve(self.store, port=self.grpc_port, http_port=self.http_port)
         self.services.append(front)
         self.gateway_address, self.http_address = front.address, front.http_address
@@ -138,7 +141,9 @@ class ProcessCluster:
         grpc_port: int = 0,
         http_port: int | None = None,
         log_file: IO[Any] | None = None,
+        worker_args: tuple[str, ...] = (),
     ) -> None:
+        self.worker_args = worker_args  # e.g. ("--backend", "emulated", "--time-scale", "10")
         self.store_url = store_url
         self.workers = workers
         self.grpc_port = grpc_port
@@ -168,6 +173,7 @@ class ProcessCluster:
                     engine.address,
                     "--worker-id",
                     f"worker-{index}",
+                    *self.worker_args,
                 )
             gateway_args = ["--port", str(self.grpc_port)]
             if self.http_port is not None:

@@ -19,12 +19,14 @@ from lego.log import configure_logging
 from lego.store import parse_store_url
 from lego.v1 import gateway_pb2, gateway_pb2_grpc
 from lego.values import Scalar, to_values
+from lego_worker.__main__ import add_backend_flags
+from lego_worker.agent import WorkerConfig
 
 from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 # `lego bench NAME`: each module has configure(parser) and run(args) -> exit code, and prints JSON.
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {"worker": "lego_cli.bench_worker"}
 DEMO_PROMPT = "a red circle on a blue background"
 
 
@@ -58,7 +60,8 @@ def _write_result(out: str, reply: gateway_pb2.GenerateReply) -> None:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    async with EmbeddedCluster(workers=args.workers) as cluster, channel(cluster.gateway_address) as chan:
+    cluster = EmbeddedCluster(workers=args.workers, worker=_worker_config(args))
+    async with cluster, channel(cluster.gateway_address) as chan:
         stub = gateway_pb2_grpc.GatewayStub(chan)
         request = gateway_pb2.GenerateRequest(workflow=args.workflow, inputs=to_values(_inputs(args)))
         reply = await stub.Generate(request)
@@ -67,9 +70,10 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 async def _up_embedded(args: argparse.Namespace) -> int:
-    async with EmbeddedCluster(
-        workers=args.workers, grpc_port=args.grpc_port, http_port=args.http_port
-    ) as cluster:
+    cluster = EmbeddedCluster(
+        workers=args.workers, grpc_port=args.grpc_port, http_port=args.http_port, worker=_worker_config(args)
+    )
+    async with cluster:
         _announce(cluster.gateway_address, cluster.http_address, args)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -77,6 +81,29 @@ async def _up_embedded(args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
     return 0
+
+
+def _worker_config(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        backend=args.backend,
+        profile_dir=args.profile,
+        time_scale=args.time_scale,
+        memory_bytes=int(args.memory_gb * 10**9),
+    )
+
+
+def _worker_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    flags = [
+        "--backend",
+        args.backend,
+        "--time-scale",
+        str(args.time_scale),
+        "--memory-gb",
+        str(args.memory_gb),
+    ]
+    if args.profile is not None:
+        flags += ["--profile", str(args.profile)]
+    return tuple(flags)
 
 
 def _announce(gateway: str, http: str, args: argparse.Namespace) -> None:
@@ -87,7 +114,9 @@ def _announce(gateway: str, http: str, args: argparse.Namespace) -> None:
 
 
 def _up_processes(args: argparse.Namespace) -> int:
-    cluster = ProcessCluster(args.store, args.workers, args.grpc_port, args.http_port)
+    cluster = ProcessCluster(
+        args.store, args.workers, args.grpc_port, args.http_port, worker_args=_worker_flags(args)
+    )
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -172,12 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start an embedded cluster, generate one image, exit")
     _add_generation_flags(demo, prompt_required=False)
     demo.add_argument("--workers", type=int, default=1)
+    add_backend_flags(demo)
 
     up = commands.add_parser("up", help="run a local cluster until interrupted")
     up.add_argument("--workers", type=int, default=1)
     up.add_argument("--store", default="memory", help="memory (one process) | etcd://HOST:PORT (processes)")
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--http-port", type=int, default=None)
+    add_backend_flags(up)
 
     generate = commands.add_parser("generate", help="generate an image on a running cluster")
     _add_generation_flags(generate, prompt_required=True)

@@ -3,8 +3,8 @@
 `import lego` never imports torch or diffusers: a client needs neither.
 """
 
-from lego.workflow import VAE, Handle, NoiseScheduler, TextEncoder, UNet, Workflow, denoise_loop
+from lego.workflow import VAE, Handle, LoRA, NoiseScheduler, TextEncoder, UNet, Workflow, denoise_loop
 
 __version__ = "0.1.0"
 
-__all__ = ["VAE", "Handle", "NoiseScheduler", "TextEncoder", "UNet", "Workflow", "denoise_loop"]
+__all__ = ["VAE", "Handle", "LoRA", "NoiseScheduler", "TextEncoder", "UNet", "Workflow", "denoise_loop"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lego.v1 import compiler_pb2
-from lego.workflow import VAE, NoiseScheduler, TextEncoder, UNet, Workflow, denoise_loop
+from lego.workflow import VAE, LoRA, NoiseScheduler, TextEncoder, UNet, Workflow, denoise_loop
 
 TINY_SD15_TXT2IMG = "tiny-sd15-txt2img"
 MAX_PROMPT_CHARS = 2000
@@ -11,7 +13,9 @@ MAX_SIDE = 2048
 MAX_STEPS = 200
 
 
-def sd15_txt2img(name: str, source: str, *, default_size: int = 512) -> compiler_pb2.WorkflowSpec:
+def sd15_txt2img(
+    name: str, source: str, *, default_size: int = 512, loras: Sequence[LoRA] = ()
+) -> compiler_pb2.WorkflowSpec:
     """SD 1.5 text-to-image with classifier-free guidance (on when guidance_scale > 1)."""
     with Workflow(name, description=f"SD 1.5 text-to-image with CFG ({source})") as wf:
         prompt = wf.input("prompt", str, min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -33,6 +37,7 @@ def sd15_txt2img(name: str, source: str, *, default_size: int = 512) -> compiler
             height=height,
             width=width,
             extra_iterations=1,  # SD 1.5's PNDM scheduler (PLMS) repeats one timestep
+            loras=loras,
         )
         wf.output("image", VAE(f"{source}:vae").decode(latents))
     return wf.to_spec()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class TaskNode:
     inputs: dict[str, Ref | Scalar]
     outputs: tuple[str, ...]
     state_key: str = ""  # non-empty: must run where the first node with this key ran
+    patches: tuple[tuple[str, float], ...] = ()  # LoRA (source, scale) applied for this call
     step: int = 0  # 1-based denoise step this node completes (progress); 0: none
     total_steps: int = 0
     depth: int = 0  # longest path to a sink, in nodes; deeper nodes run first within a request
@@ -80,6 +82,14 @@ def validate_spec(spec: compiler_pb2.WorkflowSpec) -> list[str]:
                 )
             elif source is None:
                 errors.append(f"node {node.id}: input {binding.name!r} has no source")
+        for patch in node.patches:
+            if node.op != operators.DENOISE_LOOP:
+                errors.append(f"node {node.id}: patches apply to denoise loops only, not {node.op}")
+            if not patch.source or not math.isfinite(patch.scale):
+                errors.append(
+                    f"node {node.id}: a LoRA needs a source and a finite scale, "
+                    f"got {patch.source!r} at {patch.scale}"
+                )
     cycle = _find_cycle(spec)
     if cycle:
         errors.append(f"cycle: {' -> '.join(cycle)}")
@@ -196,6 +206,7 @@ def _unroll_denoise_loop(
     iterations = steps + int(loop.attributes.get("extra_iterations", "0"))
     scheduler = loop.attributes["scheduler"]
     state_key = loop.id
+    patches = tuple((patch.source, patch.scale) for patch in loop.patches)
     init_id = f"{loop.id}/init"
     nodes[init_id] = TaskNode(
         init_id,
@@ -233,6 +244,7 @@ def _unroll_denoise_loop(
                     "encoder_hidden_states": embeds,
                 },
                 ("noise_pred",),
+                patches=patches,
             )
             return node_id
 

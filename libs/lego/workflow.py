@@ -11,6 +11,7 @@ spec = wf.to_spec()   # the protobuf IR the compiler registers
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,14 @@ _TYPES: dict[type, compiler_pb2.ValueType.ValueType] = {
     float: compiler_pb2.VALUE_TYPE_FLOAT,
     bool: compiler_pb2.VALUE_TYPE_BOOL,
 }
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """A LoRA patch for a denoiser: applied to the shared base model per call, never a copy of it."""
+
+    source: str  # a safetensors file (diffusers/kohya LoRA format) or a directory holding one
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,9 @@ class Workflow:
         self._nodes.append(node)
         return {output: Handle(self, node=node_id, output=output) for output in outputs}
 
+    def node(self, node_id: str) -> compiler_pb2.NodeSpec:
+        return next(node for node in self._nodes if node.id == node_id)
+
     def to_spec(self) -> compiler_pb2.WorkflowSpec:
         return compiler_pb2.WorkflowSpec(
             ir_version=IR_VERSION,
@@ -192,6 +204,7 @@ def denoise_loop(
     latent_channels: int = 4,
     vae_scale_factor: int = 8,
     extra_iterations: int = 0,
+    loras: Sequence[LoRA] = (),
 ) -> Handle:
     """The denoising loop; steps and CFG (on iff guidance_scale > 1) are resolved per request.
 
@@ -213,7 +226,9 @@ def denoise_loop(
         "vae_scale_factor": str(vae_scale_factor),
         "extra_iterations": str(extra_iterations),
     }
-    handles = current_workflow().add_node(
-        operators.DENOISE_LOOP, denoiser.model, "", inputs, ("latents",), attributes
-    )
+    workflow = current_workflow()
+    handles = workflow.add_node(operators.DENOISE_LOOP, denoiser.model, "", inputs, ("latents",), attributes)
+    node = workflow.node(handles["latents"].node)
+    for lora in loras:
+        node.patches.add(source=lora.source, scale=lora.scale)
     return handles["latents"]

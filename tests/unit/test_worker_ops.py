@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 from lego_worker.executor import Executor
+from lego_worker.torch_backend import TorchBackend
 
 
 @pytest.fixture(scope="module")
 def executor() -> Executor:
-    return Executor()
+    return Executor(TorchBackend(), memory_budget_bytes=10**10)
 
 
 def test_text_encoder_batch_equals_single_calls(executor: Executor) -> None:
@@ -68,10 +69,10 @@ def test_scheduler_state_is_per_request_and_released(executor: Executor) -> None
     )
     assert first[0]["latents"].shape == (1, 4, 8, 8)
     assert not np.array_equal(first[0]["latents"], second[0]["latents"])
-    executor.states.release("a")
+    executor.release("a")
     with pytest.raises(LookupError, match="a/l"):
-        executor.states.get("a/l")
-    executor.states.get("b/l")
+        executor.backend.states.get("a/l")  # type: ignore[attr-defined]
+    executor.backend.states.get("b/l")  # type: ignore[attr-defined]
 
 
 def test_vae_decode_gives_uint8_pixels(executor: Executor) -> None:

@@ -94,6 +94,31 @@ class Value(_message.Message):
 Global___Value: _TypeAlias = Value  # noqa: Y015
 
 @_typing.final
+class Patch(_message.Message):
+    """A LoRA (or other weight patch) applied to a shared model for one call; never a copy of the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """a safetensors file or a diffusers LoRA directory"""
+    scale: _builtins.float
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        scale: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scale", b"scale", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Patch: _TypeAlias = Patch  # noqa: Y015
+
+@_typing.final
 class Empty(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

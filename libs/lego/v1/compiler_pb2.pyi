@@ -192,6 +192,7 @@ class NodeSpec(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    PATCHES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     op: _builtins.str
     model: _builtins.str
@@ -202,6 +203,10 @@ class NodeSpec(_message.Message):
     def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def patches(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Patch]:
+        """on a denoise loop: applied to its denoiser calls"""
+
     def __init__(
         self,
         *,
@@ -212,10 +217,11 @@ class NodeSpec(_message.Message):
         inputs: _abc.Iterable[Global___Binding] | None = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        patches: _abc.Iterable[_common_pb2.Patch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "id", b"id", "inputs", b"inputs", "mode", b"mode", "model", b"model", "op", b"op", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "id", b"id", "inputs", b"inputs", "mode", b"mode", "model", b"model", "op", b"op", "outputs", b"outputs", "patches", b"patches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

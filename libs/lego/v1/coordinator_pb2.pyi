@@ -314,6 +314,8 @@ class WorkerHello(_message.Message):
     DATAENGINE_ADDRESS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    LOADED_MODELS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     address: _builtins.str
     """the worker's own gRPC server"""
@@ -321,6 +323,9 @@ class WorkerHello(_message.Message):
     """where its outputs are published"""
     device: _builtins.str
     backend: _builtins.str
+    memory_budget_bytes: _builtins.int
+    @_builtins.property
+    def loaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -329,10 +334,12 @@ class WorkerHello(_message.Message):
         dataengine_address: _builtins.str = ...,
         device: _builtins.str = ...,
         backend: _builtins.str = ...,
+        memory_budget_bytes: _builtins.int = ...,
+        loaded_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "dataengine_address", b"dataengine_address", "device", b"device", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "dataengine_address", b"dataengine_address", "device", b"device", "loaded_models", b"loaded_models", "memory_budget_bytes", b"memory_budget_bytes", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -405,12 +412,17 @@ class TaskBatch(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    PATCHES_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     op: _builtins.str
     model: _builtins.str
     mode: _builtins.str
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]: ...
+    @_builtins.property
+    def patches(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Patch]:
+        """the patch set every task of the batch runs with"""
+
     def __init__(
         self,
         *,
@@ -419,10 +431,11 @@ class TaskBatch(_message.Message):
         model: _builtins.str = ...,
         mode: _builtins.str = ...,
         tasks: _abc.Iterable[Global___Task] | None = ...,
+        patches: _abc.Iterable[_common_pb2.Patch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "mode", b"mode", "model", b"model", "op", b"op", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "mode", b"mode", "model", b"model", "op", b"op", "patches", b"patches", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -481,6 +494,7 @@ class BatchResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     EXECUTION_S_FIELD_NUMBER: _builtins.int
     LOADED_MODELS_FIELD_NUMBER: _builtins.int
+    MODEL_EVENTS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     error: _builtins.str
     """non-empty: the batch failed as a whole"""
@@ -489,6 +503,10 @@ class BatchResult(_message.Message):
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskResult]: ...
     @_builtins.property
     def loaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def model_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelEvent]:
+        """loads and evictions since the last report"""
+
     def __init__(
         self,
         *,
@@ -497,14 +515,41 @@ class BatchResult(_message.Message):
         error: _builtins.str = ...,
         execution_s: _builtins.float = ...,
         loaded_models: _abc.Iterable[_builtins.str] | None = ...,
+        model_events: _abc.Iterable[Global___ModelEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "error", b"error", "execution_s", b"execution_s", "loaded_models", b"loaded_models", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "error", b"error", "execution_s", b"execution_s", "loaded_models", b"loaded_models", "model_events", b"model_events", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchResult: _TypeAlias = BatchResult  # noqa: Y015
+
+@_typing.final
+class ModelEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    kind: _builtins.str
+    """"prefetch" (disk → host), "load" (host → device), "evict" """
+    seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model", b"model", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelEvent: _TypeAlias = ModelEvent  # noqa: Y015
 
 @_typing.final
 class WorkerMessage(_message.Message):

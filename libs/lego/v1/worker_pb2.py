@@ -25,21 +25,25 @@ _sym_db = _symbol_database.Default()
 from lego.v1 import common_pb2 as lego_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lego/v1/worker.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\"m\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x61taengine_address\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\"\x1d\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"+\n\nModelReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06load_s\x18\x02 \x01(\x01\"w\n\x11WorkerStatusReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x15\n\rloaded_models\x18\x03 \x03(\t\x12\x18\n\x10\x62\x61tches_executed\x18\x04 \x01(\x03\x12\x0e\n\x06\x62usy_s\x18\x05 \x01(\x01\x32\xb5\x01\n\x06Worker\x12\x37\n\tLoadModel\x12\x15.lego.v1.ModelRequest\x1a\x13.lego.v1.ModelReply\x12\x39\n\x0bUnloadModel\x12\x15.lego.v1.ModelRequest\x1a\x13.lego.v1.ModelReply\x12\x37\n\tGetStatus\x12\x0e.lego.v1.Empty\x1a\x1a.lego.v1.WorkerStatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lego/v1/worker.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\"m\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x61taengine_address\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\"\x1d\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"+\n\nModelReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06load_s\x18\x02 \x01(\x01\"\xac\x03\n\x11WorkerStatusReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x15\n\rloaded_models\x18\x03 \x03(\t\x12\x18\n\x10\x62\x61tches_executed\x18\x04 \x01(\x03\x12\x0e\n\x06\x62usy_s\x18\x05 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x14\n\x0cqueue_length\x18\x07 \x01(\x05\x12?\n\x0b\x62\x61tch_sizes\x18\x08 \x03(\x0b\x32*.lego.v1.WorkerStatusReply.BatchSizesEntry\x12\r\n\x05loads\x18\t \x01(\x03\x12\x11\n\tevictions\x18\n \x01(\x03\x12\x0e\n\x06load_s\x18\x0b \x01(\x01\x12\x19\n\x11memory_used_bytes\x18\x0c \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\r \x01(\x03\x12\x13\n\x0bhost_models\x18\x0e \x03(\t\x12\x19\n\x11peak_memory_bytes\x18\x0f \x01(\x03\x1a\x31\n\x0f\x42\x61tchSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xf2\x01\n\x06Worker\x12;\n\rPrefetchModel\x12\x15.lego.v1.ModelRequest\x1a\x13.lego.v1.ModelReply\x12\x37\n\tLoadModel\x12\x15.lego.v1.ModelRequest\x1a\x13.lego.v1.ModelReply\x12\x39\n\x0bUnloadModel\x12\x15.lego.v1.ModelRequest\x1a\x13.lego.v1.ModelReply\x12\x37\n\tGetStatus\x12\x0e.lego.v1.Empty\x1a\x1a.lego.v1.WorkerStatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lego.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WORKERSTATUSREPLY_BATCHSIZESENTRY']._loaded_options = None
+  _globals['_WORKERSTATUSREPLY_BATCHSIZESENTRY']._serialized_options = b'8\001'
   _globals['_WORKERINFO']._serialized_start=55
   _globals['_WORKERINFO']._serialized_end=164
   _globals['_MODELREQUEST']._serialized_start=166
   _globals['_MODELREQUEST']._serialized_end=195
   _globals['_MODELREPLY']._serialized_start=197
   _globals['_MODELREPLY']._serialized_end=240
-  _globals['_WORKERSTATUSREPLY']._serialized_start=242
-  _globals['_WORKERSTATUSREPLY']._serialized_end=361
-  _globals['_WORKER']._serialized_start=364
-  _globals['_WORKER']._serialized_end=545
+  _globals['_WORKERSTATUSREPLY']._serialized_start=243
+  _globals['_WORKERSTATUSREPLY']._serialized_end=671
+  _globals['_WORKERSTATUSREPLY_BATCHSIZESENTRY']._serialized_start=622
+  _globals['_WORKERSTATUSREPLY_BATCHSIZESENTRY']._serialized_end=671
+  _globals['_WORKER']._serialized_start=674
+  _globals['_WORKER']._serialized_end=916
 # @@protoc_insertion_point(module_scope)

@@ -96,17 +96,65 @@ Global___ModelReply: _TypeAlias = ModelReply  # noqa: Y015
 class WorkerStatusReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class BatchSizesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     WORKER_ID_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     LOADED_MODELS_FIELD_NUMBER: _builtins.int
     BATCHES_EXECUTED_FIELD_NUMBER: _builtins.int
     BUSY_S_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    QUEUE_LENGTH_FIELD_NUMBER: _builtins.int
+    BATCH_SIZES_FIELD_NUMBER: _builtins.int
+    LOADS_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    LOAD_S_FIELD_NUMBER: _builtins.int
+    MEMORY_USED_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_MODELS_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     device: _builtins.str
     batches_executed: _builtins.int
     busy_s: _builtins.float
+    backend: _builtins.str
+    queue_length: _builtins.int
+    loads: _builtins.int
+    evictions: _builtins.int
+    load_s: _builtins.float
+    memory_used_bytes: _builtins.int
+    memory_budget_bytes: _builtins.int
+    peak_memory_bytes: _builtins.int
     @_builtins.property
-    def loaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def loaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """resident on the device, least recently used first"""
+
+    @_builtins.property
+    def batch_sizes(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """batch size → batches of that size"""
+
+    @_builtins.property
+    def host_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """prefetched into host memory"""
+
     def __init__(
         self,
         *,
@@ -115,10 +163,20 @@ class WorkerStatusReply(_message.Message):
         loaded_models: _abc.Iterable[_builtins.str] | None = ...,
         batches_executed: _builtins.int = ...,
         busy_s: _builtins.float = ...,
+        backend: _builtins.str = ...,
+        queue_length: _builtins.int = ...,
+        batch_sizes: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        loads: _builtins.int = ...,
+        evictions: _builtins.int = ...,
+        load_s: _builtins.float = ...,
+        memory_used_bytes: _builtins.int = ...,
+        memory_budget_bytes: _builtins.int = ...,
+        host_models: _abc.Iterable[_builtins.str] | None = ...,
+        peak_memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches_executed", b"batches_executed", "busy_s", b"busy_s", "device", b"device", "loaded_models", b"loaded_models", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "batch_sizes", b"batch_sizes", "batches_executed", b"batches_executed", "busy_s", b"busy_s", "device", b"device", "evictions", b"evictions", "host_models", b"host_models", "load_s", b"load_s", "loaded_models", b"loaded_models", "loads", b"loads", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "peak_memory_bytes", b"peak_memory_bytes", "queue_length", b"queue_length", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

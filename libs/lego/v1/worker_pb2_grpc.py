@@ -35,6 +35,11 @@ class WorkerStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.PrefetchModel = channel.unary_unary(
+                '/lego.v1.Worker/PrefetchModel',
+                request_serializer=lego_dot_v1_dot_worker__pb2.ModelRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_worker__pb2.ModelReply.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/lego.v1.Worker/LoadModel',
                 request_serializer=lego_dot_v1_dot_worker__pb2.ModelRequest.SerializeToString,
@@ -54,6 +59,13 @@ class WorkerStub:
 
 class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def PrefetchModel(self, request, context):
+        """Disk → host memory only (the host pool); LoadModel also moves it to the device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -76,6 +88,11 @@ class WorkerServicer:
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'PrefetchModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrefetchModel,
+                    request_deserializer=lego_dot_v1_dot_worker__pb2.ModelRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_worker__pb2.ModelReply.SerializeToString,
+            ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
                     request_deserializer=lego_dot_v1_dot_worker__pb2.ModelRequest.FromString,
@@ -101,6 +118,33 @@ def add_WorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Worker:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def PrefetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Worker/PrefetchModel',
+            lego_dot_v1_dot_worker__pb2.ModelRequest.SerializeToString,
+            lego_dot_v1_dot_worker__pb2.ModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def LoadModel(request,

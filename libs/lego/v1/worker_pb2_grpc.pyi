@@ -32,6 +32,8 @@ class WorkerStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WorkerAsyncStub: ...
+    PrefetchModel: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ModelRequest, _worker_pb2.ModelReply]
+    """Disk → host memory only (the host pool); LoadModel also moves it to the device."""
     LoadModel: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ModelRequest, _worker_pb2.ModelReply]
     UnloadModel: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ModelRequest, _worker_pb2.ModelReply]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _worker_pb2.WorkerStatusReply]
@@ -39,11 +41,21 @@ class WorkerStub:
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
+    PrefetchModel: _aio.UnaryUnaryMultiCallable[_worker_pb2.ModelRequest, _worker_pb2.ModelReply]  # type: ignore[assignment]
+    """Disk → host memory only (the host pool); LoadModel also moves it to the device."""
     LoadModel: _aio.UnaryUnaryMultiCallable[_worker_pb2.ModelRequest, _worker_pb2.ModelReply]  # type: ignore[assignment]
     UnloadModel: _aio.UnaryUnaryMultiCallable[_worker_pb2.ModelRequest, _worker_pb2.ModelReply]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _worker_pb2.WorkerStatusReply]  # type: ignore[assignment]
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def PrefetchModel(
+        self,
+        request: _worker_pb2.ModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.ModelReply, _abc.Awaitable[_worker_pb2.ModelReply]]:
+        """Disk → host memory only (the host pool); LoadModel also moves it to the device."""
+
     @_abc_1.abstractmethod
     def LoadModel(
         self,

@@ -72,6 +72,7 @@ class Dispatch:
     model: str
     mode: str
     tasks: list[BatchTask]
+    patches: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -97,6 +98,11 @@ class _Worker:
     worker_id: str
     batch_id: str | None = None
     loaded: set[str] = field(default_factory=set)
+
+
+def _batch_key(node: TaskNode) -> tuple[str, str, str, tuple[tuple[str, float], ...]]:
+    """Nodes that may share one forward pass: same operator, model, mode and patch set."""
+    return (node.op, node.model, node.mode, node.patches)
 
 
 DEFAULT_MAX_BATCH = {"unet": 8, "text_encoder": 8, "vae": 4}
@@ -140,6 +146,12 @@ class Scheduler:
                     )
                 )
         return events
+
+    def set_loaded(self, worker_id: str, models: list[str]) -> None:
+        """What the worker reports resident on its device (after loads and evictions)."""
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.loaded = set(models)
 
     def workers(self) -> dict[str, tuple[bool, list[str]]]:
         return {w.worker_id: (w.batch_id is not None, sorted(w.loaded)) for w in self._workers.values()}
@@ -227,7 +239,7 @@ class Scheduler:
                 if other in taken or other == entry:
                     continue
                 other_node = self._requests[other[0]].graph.nodes[other[1]]
-                if (other_node.op, other_node.model, other_node.mode) == (node.op, node.model, node.mode):
+                if _batch_key(other_node) == _batch_key(node):
                     members.append(other)
             taken.update(members)
             batch_id = f"b{next(self._batch_ids)}"
@@ -246,7 +258,9 @@ class Scheduler:
                     )
                 )
                 events.append(NodeStarted(request_id, node_id, worker.worker_id))
-            dispatch = Dispatch(batch_id, worker.worker_id, node.op, node.model, node.mode, tasks)
+            dispatch = Dispatch(
+                batch_id, worker.worker_id, node.op, node.model, node.mode, tasks, node.patches
+            )
             self._ready.difference_update(members)
             self._in_flight[batch_id] = dispatch
             worker.batch_id = batch_id
@@ -263,7 +277,6 @@ class Scheduler:
         worker = self._workers.get(dispatch.worker_id)
         if worker is not None:
             worker.batch_id = None
-            worker.loaded.add(dispatch.model)
         events: list[Event] = []
         for task in dispatch.tasks:
             request = self._requests.get(task.request_id)

@@ -44,6 +44,8 @@ def _batch_message(dispatch: core.Dispatch) -> coordinator_pb2.CoordinatorMessag
     batch = coordinator_pb2.TaskBatch(
         batch_id=dispatch.batch_id, op=dispatch.op, model=dispatch.model, mode=dispatch.mode
     )
+    for source, scale in dispatch.patches:
+        batch.patches.add(source=source, scale=scale)
     for task in dispatch.tasks:
         message = batch.tasks.add(
             task_id=task.task_id,
@@ -203,7 +205,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self._dataengines[hello.dataengine_address] = dataengine_pb2_grpc.DataEngineStub(
                 channel(hello.dataengine_address)
             )
-        self.scheduler.add_worker(worker_id)
+        self.scheduler.add_worker(worker_id, list(hello.loaded_models))
         log.info("worker_joined", worker_id=worker_id, address=hello.address)
         self._pump()
         writer = asyncio.create_task(self._write_outbox(outbox, context))
@@ -213,7 +215,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 if message is grpc.aio.EOF:
                     break
                 if message.WhichOneof("message") == "result":
-                    self._on_result(message.result)
+                    self._on_result(worker_id, message.result)
         finally:
             await cancel_task(writer)
             self._outboxes.pop(worker_id, None)
@@ -228,8 +230,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         while True:
             await context.write(await outbox.get())
 
-    def _on_result(self, result: coordinator_pb2.BatchResult) -> None:
+    def _on_result(self, worker_id: str, result: coordinator_pb2.BatchResult) -> None:
         now = time.monotonic()
+        for event in result.model_events:
+            log.info(
+                "model_" + event.kind, worker_id=worker_id, model=event.model, seconds=round(event.seconds, 4)
+            )
+        self.scheduler.set_loaded(worker_id, list(result.loaded_models))
         if result.error:
             log.warning("batch_failed", batch_id=result.batch_id, error=result.error)
             events = self.scheduler.fail_batch(result.batch_id, result.error)

@@ -1,8 +1,8 @@
 """The worker's shell: its gRPC server, its registration, and its stream to the coordinator.
 
-Batches arrive over the stream; inputs are fetched from the local data engine (which pulls remote
-replicas), the batch runs in a thread, outputs are published to the data engine and their handles
-reported back. One batch runs at a time: a worker is one device.
+Batches arrive over the stream into a queue; one runs at a time (a worker is one device): inputs
+are fetched through the host's data engine, the batch runs in a thread, outputs are published to
+the data engine, and their handles are reported back with any model loads and evictions.
 """
 
 from __future__ import annotations
@@ -11,81 +11,128 @@ import asyncio
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import structlog
 from lego import dataplane, keys
 from lego.grpc_server import RunningServer, channel, start_server
 from lego.store import ClusterStore, Registration, cancel_task, wait_for_key
-from lego.v1 import (
-    common_pb2,
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    worker_pb2,
-    worker_pb2_grpc,
-)
+from lego.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from lego.values import from_value
 
+from lego_worker.backend import Backend
+from lego_worker.cache import CacheFull
+from lego_worker.emulated_backend import EmulatedBackend
 from lego_worker.executor import Executor
+from lego_worker.profiles import ProfileSet, default_profile_dir
+from lego_worker.torch_backend import TorchBackend
 
 log = structlog.get_logger("lego.worker")
 REGISTRATION_TTL_S = 5.0
 RECONNECT_S = 0.5
+EMULATED_DEVICE_BYTES = 80 * 10**9
+
+
+@dataclass
+class WorkerConfig:
+    worker_id: str = ""
+    device: str = "cpu"
+    backend: str = "torch"  # torch | emulated
+    profile_dir: Path | None = None  # emulated: default profiles/h800
+    time_scale: float = 1.0
+    memory_bytes: int = 0  # device memory budget; 0: 80 GB emulated, 90 % of RAM on the CPU
+
+
+def build_executor(config: WorkerConfig) -> Executor:
+    backend: Backend
+    if config.backend == "emulated":
+        backend = EmulatedBackend(ProfileSet(config.profile_dir or default_profile_dir()), config.time_scale)
+        budget = config.memory_bytes or EMULATED_DEVICE_BYTES
+    elif config.backend == "torch":
+        backend = TorchBackend(config.device)
+        budget = config.memory_bytes or int(psutil.virtual_memory().total * 0.9)
+    else:
+        raise ValueError(f"backend must be 'torch' or 'emulated', got {config.backend!r}")
+    return Executor(backend, budget)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, worker_id: str, executor: Executor, device: str) -> None:
-        self.worker_id = worker_id
+    def __init__(self, config: WorkerConfig, executor: Executor, queue: asyncio.Queue[Any]) -> None:
+        self.config = config
         self.executor = executor
-        self.device = device
+        self.queue = queue
+
+    async def _model_call(self, context: grpc.aio.ServicerContext, call: Any, model: str) -> float:
+        try:
+            seconds: float = await asyncio.to_thread(call, model)
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except CacheFull as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        return seconds
+
+    async def PrefetchModel(
+        self, request: worker_pb2.ModelRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ModelReply:
+        seconds = await self._model_call(context, self.executor.prefetch, request.model)
+        return worker_pb2.ModelReply(model=request.model, load_s=seconds)
 
     async def LoadModel(
         self, request: worker_pb2.ModelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ModelReply:
-        started = time.perf_counter()
-        try:
-            await asyncio.to_thread(self.executor.pool.get, request.model)
-        except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return worker_pb2.ModelReply(model=request.model, load_s=time.perf_counter() - started)
+        seconds = await self._model_call(context, self.executor.load, request.model)
+        return worker_pb2.ModelReply(model=request.model, load_s=seconds)
 
     async def UnloadModel(
         self, request: worker_pb2.ModelRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ModelReply:
-        if not self.executor.pool.unload(request.model):
+        if not await asyncio.to_thread(self.executor.unload, request.model):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model} is not loaded")
         return worker_pb2.ModelReply(model=request.model)
 
     async def GetStatus(
         self, request: common_pb2.Empty, context: grpc.aio.ServicerContext
     ) -> worker_pb2.WorkerStatusReply:
+        metrics = self.executor.metrics
         return worker_pb2.WorkerStatusReply(
-            worker_id=self.worker_id,
-            device=self.device,
-            loaded_models=self.executor.pool.loaded(),
-            batches_executed=self.executor.stats.batches,
-            busy_s=self.executor.stats.busy_s,
+            worker_id=self.config.worker_id,
+            device=self.config.device,
+            backend=self.executor.backend.name,
+            loaded_models=self.executor.cache.resident(),
+            host_models=self.executor.backend.host_models(),
+            batches_executed=metrics.batches,
+            busy_s=metrics.busy_s,
+            queue_length=self.queue.qsize(),
+            batch_sizes=dict(metrics.batch_sizes),
+            loads=metrics.loads,
+            evictions=metrics.evictions,
+            load_s=metrics.load_s,
+            memory_used_bytes=self.executor.cache.used_bytes,
+            memory_budget_bytes=self.executor.cache.budget_bytes,
+            peak_memory_bytes=metrics.peak_memory_bytes,
         )
 
 
 class WorkerAgent:
     def __init__(
         self,
-        worker_id: str,
+        config: WorkerConfig,
         store: ClusterStore,
         address: str,
         dataengine_address: str,
         executor: Executor,
-        device: str,
     ) -> None:
-        self.worker_id = worker_id
+        self.config = config
         self.store = store
         self.address = address
         self.dataengine_address = dataengine_address
         self.executor = executor
-        self.device = device
         self.data = dataplane.DataPlane(dataengine_address)
+        self.queue: asyncio.Queue[coordinator_pb2.TaskBatch] = asyncio.Queue()
 
     async def run(self) -> None:
         """Serve the coordinator forever, reconnecting (to a new leader) when the stream breaks."""
@@ -96,32 +143,42 @@ class WorkerAgent:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - any stream failure: reconnect
-                log.warning("coordinator_stream_lost", worker_id=self.worker_id, error=str(error))
+                log.warning("coordinator_stream_lost", worker_id=self.config.worker_id, error=str(error))
             await asyncio.sleep(RECONNECT_S)
 
     async def _serve_stream(self, coordinator_address: str) -> None:
         async with channel(coordinator_address) as chan:
-            stub = coordinator_pb2_grpc.CoordinatorStub(chan)
-            call = stub.WorkerStream()
+            call = coordinator_pb2_grpc.CoordinatorStub(chan).WorkerStream()
             hello = coordinator_pb2.WorkerHello(
-                worker_id=self.worker_id,
+                worker_id=self.config.worker_id,
                 address=self.address,
                 dataengine_address=self.dataengine_address,
-                device=self.device,
-                backend="torch",
+                device=self.config.device,
+                backend=self.executor.backend.name,
+                memory_budget_bytes=self.executor.cache.budget_bytes,
+                loaded_models=self.executor.cache.resident(),
             )
             await call.write(coordinator_pb2.WorkerMessage(hello=hello))
-            log.info("worker_connected", worker_id=self.worker_id, coordinator=coordinator_address)
-            while True:
-                message = await call.read()
-                if message is grpc.aio.EOF:
-                    return
-                kind = message.WhichOneof("message")
-                if kind == "batch":
-                    result = await self._run_batch(message.batch)
-                    await call.write(coordinator_pb2.WorkerMessage(result=result))
-                elif kind == "release":
-                    self.executor.states.release(message.release.request_id)
+            log.info("worker_connected", worker_id=self.config.worker_id, coordinator=coordinator_address)
+            runner = asyncio.create_task(self._run_queue(call))
+            try:
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        return
+                    kind = message.WhichOneof("message")
+                    if kind == "batch":
+                        self.queue.put_nowait(message.batch)
+                    elif kind == "release":
+                        self.executor.release(message.release.request_id)
+            finally:
+                await cancel_task(runner)
+
+    async def _run_queue(self, call: Any) -> None:
+        while True:
+            batch = await self.queue.get()
+            result = await self._run_batch(batch)
+            await call.write(coordinator_pb2.WorkerMessage(result=result))
 
     async def _fetch(self, value: common_pb2.Value) -> Any:
         if value.WhichOneof("kind") == "tensor":
@@ -139,14 +196,16 @@ class WorkerAgent:
                 item = dict(zip(names, values, strict=True))
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
+            patches = tuple((p.source, p.scale) for p in batch.patches)
             started = time.perf_counter()
-            outputs = await asyncio.to_thread(self.executor.run, batch.op, batch.model, batch.mode, items)
+            outputs = await asyncio.to_thread(
+                self.executor.run, batch.op, batch.model, batch.mode, items, patches
+            )
             result.execution_s = time.perf_counter() - started
             for task, produced in zip(batch.tasks, outputs, strict=True):
                 task_result = result.results.add(task_id=task.task_id)
                 for name in task.outputs:
-                    tensor_id = f"{task.request_id}/{task.node_id}/{name}"
-                    handle = await self.data.put(tensor_id, produced[name])
+                    handle = await self.data.put(f"{task.request_id}/{task.node_id}/{name}", produced[name])
                     task_result.outputs[name].CopyFrom(handle)
         except Exception as error:
             log.exception("batch_failed", op=batch.op, model=batch.model)
@@ -154,7 +213,9 @@ class WorkerAgent:
             result.error = f"{type(error).__name__}: {error}"
         finally:
             structlog.contextvars.unbind_contextvars("batch_id")
-        result.loaded_models.extend(self.executor.pool.loaded())
+        for event in self.executor.drain_events():
+            result.model_events.add(model=event.model, kind=event.kind, seconds=event.seconds)
+        result.loaded_models.extend(self.executor.cache.resident())
         return result
 
 
@@ -178,12 +239,13 @@ async def serve(
     dataengine_address: str,
     host: str = "127.0.0.1",
     port: int = 0,
-    worker_id: str = "",
-    device: str = "cpu",
+    config: WorkerConfig | None = None,
 ) -> WorkerService:
-    worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
-    executor = Executor(device)
-    servicer = WorkerServicer(worker_id, executor, device)
+    config = config or WorkerConfig()
+    config.worker_id = config.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    executor = build_executor(config)
+    queue: asyncio.Queue[coordinator_pb2.TaskBatch] = asyncio.Queue()
+    servicer = WorkerServicer(config, executor, queue)
     server = await start_server(
         lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
         [worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
@@ -191,13 +253,16 @@ async def serve(
         port,
     )
     info = worker_pb2.WorkerInfo(
-        worker_id=worker_id,
+        worker_id=config.worker_id,
         address=server.address,
         dataengine_address=dataengine_address,
-        device=device,
-        backend="torch",
+        device=config.device,
+        backend=config.backend,
     )
-    registration = await store.register(keys.worker(worker_id), info.SerializeToString(), REGISTRATION_TTL_S)
-    agent = WorkerAgent(worker_id, store, server.address, dataengine_address, executor, device)
-    log.info("worker_started", worker_id=worker_id, address=server.address)
+    registration = await store.register(
+        keys.worker(config.worker_id), info.SerializeToString(), REGISTRATION_TTL_S
+    )
+    agent = WorkerAgent(config, store, server.address, dataengine_address, executor)
+    agent.queue = queue
+    log.info("worker_started", worker_id=config.worker_id, address=server.address, backend=config.backend)
     return WorkerService(agent, server, registration)

@@ -1,38 +1,105 @@
-"""Runs one batch of model calls: resolve the model, dispatch to the operator, time it."""
+"""Runs batches on one device: makes the model resident first (LRU eviction under the memory
+budget), pins it while it runs, and keeps the worker's metrics and model events."""
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass, field
 
-from lego_worker import ops
-from lego_worker.models import ModelPool
+from lego_worker.backend import Backend, Item, Outputs, PatchSet
+from lego_worker.cache import DeviceCache
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    model: str
+    kind: str  # "prefetch", "load", "evict"
+    seconds: float
 
 
 @dataclass
-class BatchStats:
+class WorkerMetrics:
     batches: int = 0
     busy_s: float = 0.0
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+    loads: int = 0
+    evictions: int = 0
+    load_s: float = 0.0
+    peak_memory_bytes: int = 0
 
 
 class Executor:
-    def __init__(self, device: str = "cpu") -> None:
-        self.pool = ModelPool(device)
-        self.states = ops.SchedulerStates()
-        self.stats = BatchStats()
+    def __init__(self, backend: Backend, memory_budget_bytes: int) -> None:
+        self.backend = backend
+        self.cache = DeviceCache(memory_budget_bytes)
+        self.metrics = WorkerMetrics()
+        self._events: list[ModelEvent] = []
+        self._lock = threading.Lock()  # one device: one batch or model move at a time
 
-    def run(self, op: str, model_id: str, mode: str, items: list[dict[str, Any]]) -> list[ops.Outputs]:
-        """`items[i]` maps input names to arrays/scalars (+ `state_key` for stateful ops)."""
+    def drain_events(self) -> list[ModelEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def _ensure_loaded(self, model_id: str) -> None:
+        if model_id in self.cache:
+            self.cache.touch(model_id)
+            return
+        fetched = self.backend.prefetch(model_id)
+        if fetched:
+            self._events.append(ModelEvent(model_id, "prefetch", fetched))
+        size = self.backend.footprint(model_id)
+        for victim in self.cache.plan_load(model_id, size):
+            self.backend.unload(victim)
+            self.cache.evict(victim)
+            self.metrics.evictions += 1
+            self._events.append(ModelEvent(victim, "evict", 0.0))
+        seconds = self.backend.load(model_id)
+        self.cache.admit(model_id, size)
+        self.metrics.peak_memory_bytes = max(self.metrics.peak_memory_bytes, self.cache.used_bytes)
+        self.metrics.loads += 1
+        self.metrics.load_s += seconds
+        self._events.append(ModelEvent(model_id, "load", seconds))
+
+    def prefetch(self, model_id: str) -> float:
+        with self._lock:
+            seconds = self.backend.prefetch(model_id)
+            if seconds:
+                self._events.append(ModelEvent(model_id, "prefetch", seconds))
+            return seconds
+
+    def load(self, model_id: str) -> float:
         started = time.perf_counter()
-        model = self.pool.get(model_id)
-        key = (op, mode)
-        if key in ops.BATCHED_OPS:
-            outputs = ops.BATCHED_OPS[key](model, items, self.pool.device)
-        elif key in ops.STATEFUL_OPS:
-            outputs = [ops.STATEFUL_OPS[key](model, item, self.states) for item in items]
-        else:
-            raise ValueError(f"this worker cannot run {op}.{mode}")
-        self.stats.batches += 1
-        self.stats.busy_s += time.perf_counter() - started
-        return outputs
+        with self._lock:
+            self._ensure_loaded(model_id)
+        return time.perf_counter() - started
+
+    def unload(self, model_id: str) -> bool:
+        with self._lock:
+            if model_id not in self.cache:
+                return False
+            self.backend.unload(model_id)
+            self.cache.evict(model_id)
+            self.metrics.evictions += 1
+            self._events.append(ModelEvent(model_id, "evict", 0.0))
+            return True
+
+    def run(
+        self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet = ()
+    ) -> list[Outputs]:
+        with self._lock:
+            self._ensure_loaded(model_id)
+            self.cache.pin(model_id)
+            started = time.perf_counter()
+            try:
+                outputs = self.backend.run(op, model_id, mode, items, patches)
+            finally:
+                self.cache.unpin(model_id)
+            self.metrics.busy_s += time.perf_counter() - started
+            self.metrics.batches += 1
+            self.metrics.batch_sizes[len(items)] += 1
+            return outputs
+
+    def release(self, request_id: str) -> None:
+        self.backend.release(request_id)

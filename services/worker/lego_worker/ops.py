@@ -15,10 +15,8 @@ import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from lego_worker.models import TextEncoderBundle
-
-Item = dict[str, Any]
-Outputs = dict[str, np.ndarray]
+from lego_worker.backend import Item, Outputs
+from lego_worker.sources import TextEncoderBundle
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:

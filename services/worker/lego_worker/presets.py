@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
@@ -120,3 +121,20 @@ def build_tiny_sd15(seed: int = 0) -> SD15Components:
             vae=build_tiny_vae(seed + 2),
             scheduler=build_sd15_scheduler(),
         )
+
+
+def make_tiny_lora(directory: Path, seed: int = 0, rank: int = 4) -> Path:
+    """Write a LoRA for tiny-sd15's UNet (diffusers' format, random non-zero weights from `seed`)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = build_tiny_unet(1)  # the architecture of tiny-sd15's UNet; its base weights are not saved
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+    )
+    with _BUILD_LOCK, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=get_peft_model_state_dict(unet))
+    return directory / "pytorch_lora_weights.safetensors"

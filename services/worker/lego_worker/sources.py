@@ -1,18 +1,17 @@
-"""Model sources and the worker's model pool.
+"""Where a model's weights come from.
 
 A model id is `<source>:<component>`: `tiny-sd15:unet` (a built-in preset, no download) or
 `/models/sd15:unet` / `<hub id>:unet` (diffusers `from_pretrained` with that subfolder).
+A `#tag` after the source (`tiny-sd15#b:unet`) names a private copy of the same weights: a distinct
+model to the cache and the scheduler (how a monolithic deployment would hold it).
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import diffusers
-import torch
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lego_worker import presets
@@ -49,43 +48,23 @@ def _load_pretrained(source: str, component: str) -> Any:
     raise ValueError(f"unknown model component {component!r}")
 
 
-class ModelPool:
-    """Loaded models by id: one resident copy each, shared by every workflow that uses it."""
+class SourceLoader:
+    """Builds a component on the CPU (disk → host memory); presets are built once per source."""
 
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = torch.device(device)
-        self._models: dict[str, Any] = {}
+    def __init__(self) -> None:
         self._presets: dict[str, presets.SD15Components] = {}
-        self._lock = threading.Lock()
-        self.load_seconds: dict[str, float] = {}
 
-    def loaded(self) -> list[str]:
-        return sorted(self._models)
-
-    def get(self, model_id: str) -> Any:
-        with self._lock:
-            if model_id not in self._models:
-                started = time.perf_counter()
-                self._models[model_id] = self._load(model_id)
-                self.load_seconds[model_id] = time.perf_counter() - started
-            return self._models[model_id]
-
-    def unload(self, model_id: str) -> bool:
-        with self._lock:
-            return self._models.pop(model_id, None) is not None
-
-    def _load(self, model_id: str) -> Any:
-        source, component = split_model_id(model_id)
+    def load(self, model_id: str) -> Any:
+        tagged_source, component = split_model_id(model_id)
+        source = tagged_source.partition("#")[0]
         if source in PRESET_BUILDERS:
-            if source not in self._presets:
-                self._presets[source] = PRESET_BUILDERS[source]()
-            bundle = self._presets[source]
+            if tagged_source not in self._presets:
+                self._presets[tagged_source] = PRESET_BUILDERS[source]()
+            bundle = self._presets[tagged_source]
             if component == "text_encoder":
-                return TextEncoderBundle(bundle.tokenizer, bundle.text_encoder.to(self.device))
-            if component in ("unet", "vae"):
-                return getattr(bundle, component).to(self.device)
-            if component == "scheduler":
-                return bundle.scheduler
+                return TextEncoderBundle(bundle.tokenizer, bundle.text_encoder)
+            if component in ("unet", "vae", "scheduler"):
+                return getattr(bundle, component)
             raise ValueError(f"preset {source} has no component {component!r}")
         if source.startswith("tiny-"):
             raise ValueError(f"unknown preset {source!r} (known: {sorted(PRESET_BUILDERS)})")

@@ -1,0 +1,41 @@
+"""What an execution backend provides to the executor (torch: real models; emulated: profiles)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+Item = dict[str, Any]
+Outputs = dict[str, np.ndarray]
+PatchSet = tuple[tuple[str, float], ...]  # (LoRA source, scale), in application order
+
+
+class Backend(Protocol):
+    name: str
+
+    def prefetch(self, model_id: str) -> float:
+        """Disk → host memory; returns seconds spent (0 when already there)."""
+        ...
+
+    def footprint(self, model_id: str) -> int:
+        """Device bytes the model needs while it runs (weights + peak activations where known)."""
+        ...
+
+    def load(self, model_id: str) -> float:
+        """Host → device; returns seconds spent."""
+        ...
+
+    def unload(self, model_id: str) -> None:
+        """Device → host (the host copy stays in the pool)."""
+        ...
+
+    def host_models(self) -> list[str]: ...
+
+    def run(self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet) -> list[Outputs]:
+        """One batched call; `items[i]` maps input names to arrays/scalars (+ `state_key`)."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """Drop per-request state (noise schedulers) of a finished request."""
+        ...

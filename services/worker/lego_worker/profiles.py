@@ -1,0 +1,133 @@
+"""Per-model GPU profiles (the format of ../shared/profiles/h800/*.json) and which profile a model id
+uses. They drive the emulated backend's timing and memory, and the scheduler's cost estimates."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+# Our (op, mode) → the profile's execution mode name.
+PROFILE_MODES = {
+    ("text_encoder", "encode"): "default",
+    ("unet", "denoise"): "default",
+    ("vae", "decode"): "decode_latents",
+    ("vae", "encode"): "prepare_image",
+    ("noise_scheduler", "init"): "init",
+    ("noise_scheduler", "step"): "step",
+    ("noise_scheduler", "cfg_step"): "step_classifier_free_guidance",
+}
+
+# A model id's source → its family's profile names per component. `profile:<Name>` names one directly.
+FAMILY_PROFILES = {
+    "sd15": {
+        "text_encoder": "CLIP_SD15",
+        "unet": "StableDiffusion15",
+        "vae": "StableDiffusion15VAE",
+        "scheduler": "PNDMScheduler",
+        "controlnet_canny": "StableDiffusion15ControlNetCanny",
+        "controlnet_depth": "StableDiffusion15ControlNetDepth",
+    },
+}
+SOURCE_FAMILIES = {"tiny-sd15": "sd15", "sd15": "sd15"}
+
+
+@dataclass(frozen=True)
+class ExecutionPoint:
+    batch_size: int
+    pixels: int  # height x width, 0 where the profile has no resolution
+    seconds: float
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    name: str
+    disk_to_host_s: float
+    host_to_device_s: float
+    memory_bytes: int
+    modes: dict[str, list[ExecutionPoint]]
+
+    def peak_bytes(self) -> int:
+        peaks = [p.peak_bytes for points in self.modes.values() for p in points]
+        return max([self.memory_bytes, *peaks])
+
+    def execution_s(self, mode: str, batch_size: int, pixels: int = 0) -> float:
+        """Seconds for one call: the profiled resolution closest to `pixels`, the batch size rounded
+        up to the next profiled one (beyond the largest: whole multiples of it)."""
+        points = self.modes.get(mode)
+        if not points:
+            raise KeyError(f"profile {self.name} has no mode {mode!r} (modes: {sorted(self.modes)})")
+        resolution = min({p.pixels for p in points}, key=lambda px: abs(px - pixels))
+        by_batch = sorted((p for p in points if p.pixels == resolution), key=lambda p: p.batch_size)
+        for point in by_batch:
+            if point.batch_size >= batch_size:
+                return point.seconds
+        largest = by_batch[-1]
+        return largest.seconds * math.ceil(batch_size / largest.batch_size)
+
+
+def parse_profile(data: dict[str, object]) -> ModelProfile:
+    loading = data["loading"]
+    assert isinstance(loading, dict)
+    modes: dict[str, list[ExecutionPoint]] = {}
+    executions = data.get("execution", [])
+    assert isinstance(executions, list)
+    for execution in executions:
+        modes[execution["mode"]] = [
+            ExecutionPoint(
+                batch_size=int(r["batch_size"]),
+                pixels=int(r.get("height") or 0) * int(r.get("width") or 0),
+                seconds=float(r["execution_time"]),
+                peak_bytes=int(r.get("gpu_memory_used") or 0),
+            )
+            for r in execution["results"]
+        ]
+    return ModelProfile(
+        name=str(data["model_name"]),
+        disk_to_host_s=float(loading["disk_to_host_mem_time"]),
+        host_to_device_s=float(loading["host_mem_to_gpu_time"]),
+        memory_bytes=int(loading["gpu_memory_required"]),
+        modes=modes,
+    )
+
+
+class ProfileSet:
+    """Every `<Model>.json` of a profile directory, loaded on demand."""
+
+    def __init__(self, directory: Path) -> None:
+        if not directory.is_dir():
+            raise FileNotFoundError(f"profile directory {directory} does not exist")
+        self.directory = directory
+        self._cache: dict[str, ModelProfile] = {}
+
+    def get(self, name: str) -> ModelProfile:
+        if name not in self._cache:
+            path = self.directory / f"{name}.json"
+            if not path.exists():
+                raise KeyError(f"no profile {name!r} in {self.directory}")
+            self._cache[name] = parse_profile(json.loads(path.read_text()))
+        return self._cache[name]
+
+    def for_model(self, model_id: str) -> ModelProfile:
+        return self.get(profile_name(model_id))
+
+
+def profile_name(model_id: str) -> str:
+    source, _, component = model_id.rpartition(":")
+    source = source.partition("#")[0]  # a private copy has its original's profile
+    if source == "profile":
+        return component
+    family = SOURCE_FAMILIES.get(source)
+    if family is None or component not in FAMILY_PROFILES[family]:
+        raise KeyError(
+            f"no profile known for model {model_id!r}: use 'profile:<Name>' or one of "
+            f"{sorted(SOURCE_FAMILIES)} with components {sorted(FAMILY_PROFILES['sd15'])}"
+        )
+    return FAMILY_PROFILES[family][component]
+
+
+def default_profile_dir() -> Path:
+    """The H800 measurements committed under profiles/h800 at the root of the checkout."""
+    return Path(__file__).resolve().parents[3] / "profiles" / "h800"

@@ -1,0 +1,36 @@
+import pytest
+
+from lego_worker.profiles import ProfileSet, default_profile_dir, profile_name
+
+PROFILES = ProfileSet(default_profile_dir())
+
+
+def test_model_ids_map_to_profiles() -> None:
+    assert profile_name("tiny-sd15:unet") == "StableDiffusion15"
+    assert profile_name("tiny-sd15#private:vae") == "StableDiffusion15VAE"
+    assert profile_name("profile:Flux1Schnell") == "Flux1Schnell"
+    with pytest.raises(KeyError, match="no profile known for model 'mystery:unet'"):
+        profile_name("mystery:unet")
+
+
+def test_batch_size_rounds_up_to_the_next_profiled_one() -> None:
+    unet = PROFILES.get("StableDiffusion15")
+    one = unet.execution_s("default", 1, 512 * 512)
+    four = unet.execution_s("default", 4, 512 * 512)
+    assert unet.execution_s("default", 3, 512 * 512) == four
+    assert one < four
+    assert unet.execution_s("default", 16, 512 * 512) == 2 * unet.execution_s("default", 8, 512 * 512)
+
+
+def test_the_closest_profiled_resolution_is_used_and_unknown_modes_are_named() -> None:
+    vae = PROFILES.get("StableDiffusion15VAE")
+    assert vae.execution_s("decode_latents", 1, 128 * 128) == vae.execution_s("decode_latents", 1, 512 * 512)
+    with pytest.raises(KeyError, match="has no mode 'encode'"):
+        vae.execution_s("encode", 1)
+
+
+def test_loading_and_memory_figures() -> None:
+    unet = PROFILES.get("StableDiffusion15")
+    assert unet.memory_bytes == 1732438528
+    assert unet.peak_bytes() >= unet.memory_bytes
+    assert 0 < unet.host_to_device_s < unet.disk_to_host_s
