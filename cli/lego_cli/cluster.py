@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -22,7 +21,7 @@ from lego.store import ClusterStore, MemoryStore
 from lego.v1 import common_pb2, compiler_pb2, compiler_pb2_grpc, coordinator_pb2_grpc
 from lego_compiler import service as compiler
 from lego_coordinator import service as coordinator
-from lego_coordinator.scheduler import default_max_batch
+from lego_coordinator.service import CoordinatorConfig
 from lego_dataengine import service as dataengine
 from lego_gateway import service as gateway
 from lego_worker import agent as worker
@@ -64,7 +63,7 @@ class EmbeddedCluster:
     workers: int = 1
     grpc_port: int = 0
     http_port: int | None = None
-    max_batch: Callable[[str, str, str], int] = default_max_batch
+    coordinator_config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     worker: worker.WorkerConfig = field(default_factory=worker.WorkerConfig)
     store: ClusterStore = field(default_factory=MemoryStore)
     services: list[Stoppable] = field(default_factory=list)
@@ -79,7 +78,8 @@ class EmbeddedCluster:
         compiler_service = await compiler.serve(self.store)
         self.services.append(compiler_service)
         self.compiler_address = compiler_service.address
-        coordinator_service = await coordinator.serve(self.store, max_batch=self.max_batch)
+        coordinator_service = await coordinator.serve(self.store, config=self.coordinator_config)
+        await coordinator_service.wait_until_leading()
         self.services.append(coordinator_service)
         self.coordinator_address = coordinator_service.address
         for index in range(self.workers):
@@ -142,7 +142,11 @@ class ProcessCluster:
         http_port: int | None = None,
         log_file: IO[Any] | None = None,
         worker_args: tuple[str, ...] = (),
+        coordinator_args: tuple[str, ...] = (),
+        coordinators: int = 1,
     ) -> None:
+        self.coordinator_args = coordinator_args  # e.g. ("--policy", "static")
+        self.coordinators = coordinators  # more than one: standbys take over when the leader dies
         self.worker_args = worker_args  # e.g. ("--backend", "emulated", "--time-scale", "10")
         self.store_url = store_url
         self.workers = workers
@@ -164,7 +168,9 @@ class ProcessCluster:
         try:
             engine = self._spawn("dataengine", "lego_dataengine")
             compiler_process = self._spawn("compiler", "lego_compiler")
-            coordinator_process = self._spawn("coordinator", "lego_coordinator")
+            coordinator_process = self._spawn("coordinator", "lego_coordinator", *self.coordinator_args)
+            for index in range(1, self.coordinators):
+                self._spawn(f"coordinator-{index}", "lego_coordinator", *self.coordinator_args)
             for index in range(self.workers):
                 self._spawn(
                     f"worker-{index}",

@@ -19,6 +19,7 @@ from lego.log import configure_logging
 from lego.store import parse_store_url
 from lego.v1 import gateway_pb2, gateway_pb2_grpc
 from lego.values import Scalar, to_values
+from lego_coordinator.__main__ import add_policy_flags, config_from
 from lego_worker.__main__ import add_backend_flags
 from lego_worker.agent import WorkerConfig
 
@@ -60,7 +61,9 @@ def _write_result(out: str, reply: gateway_pb2.GenerateReply) -> None:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    cluster = EmbeddedCluster(workers=args.workers, worker=_worker_config(args))
+    cluster = EmbeddedCluster(
+        workers=args.workers, worker=_worker_config(args), coordinator_config=config_from(args)
+    )
     async with cluster, channel(cluster.gateway_address) as chan:
         stub = gateway_pb2_grpc.GatewayStub(chan)
         request = gateway_pb2.GenerateRequest(workflow=args.workflow, inputs=to_values(_inputs(args)))
@@ -71,7 +74,11 @@ async def _demo(args: argparse.Namespace) -> int:
 
 async def _up_embedded(args: argparse.Namespace) -> int:
     cluster = EmbeddedCluster(
-        workers=args.workers, grpc_port=args.grpc_port, http_port=args.http_port, worker=_worker_config(args)
+        workers=args.workers,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        worker=_worker_config(args),
+        coordinator_config=config_from(args),
     )
     async with cluster:
         _announce(cluster.gateway_address, cluster.http_address, args)
@@ -106,6 +113,15 @@ def _worker_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(flags)
 
 
+def _coordinator_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    flags = ["--policy", args.policy, "--slo-factor", str(args.slo_factor)]
+    if args.enforce_slo:
+        flags.append("--enforce-slo")
+    if args.profile is not None:
+        flags += ["--profile", str(args.profile)]
+    return tuple(flags)
+
+
 def _announce(gateway: str, http: str, args: argparse.Namespace) -> None:
     print(
         json.dumps({"gateway": gateway, "http": http, "workers": args.workers, "store": args.store}),
@@ -115,7 +131,13 @@ def _announce(gateway: str, http: str, args: argparse.Namespace) -> None:
 
 def _up_processes(args: argparse.Namespace) -> int:
     cluster = ProcessCluster(
-        args.store, args.workers, args.grpc_port, args.http_port, worker_args=_worker_flags(args)
+        args.store,
+        args.workers,
+        args.grpc_port,
+        args.http_port,
+        worker_args=_worker_flags(args),
+        coordinator_args=_coordinator_flags(args),
+        coordinators=args.coordinators,
     )
     stopping = False
 
@@ -202,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(demo, prompt_required=False)
     demo.add_argument("--workers", type=int, default=1)
     add_backend_flags(demo)
+    add_policy_flags(demo)
 
     up = commands.add_parser("up", help="run a local cluster until interrupted")
     up.add_argument("--workers", type=int, default=1)
@@ -209,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--http-port", type=int, default=None)
     add_backend_flags(up)
+    add_policy_flags(up)
+    up.add_argument("--coordinators", type=int, default=1, help="with etcd: a leader and standbys")
 
     generate = commands.add_parser("generate", help="generate an image on a running cluster")
     _add_generation_flags(generate, prompt_required=True)

@@ -14,7 +14,7 @@ import aetcd
 import structlog
 
 from lego.errors import StoreUnavailable
-from lego.store import Registration, StoreEvent, cancel_task
+from lego.store import Leadership, Registration, StoreEvent, cancel_task
 
 log = structlog.get_logger("lego.etcd")
 RETRY_S = 0.5
@@ -62,6 +62,38 @@ class _LeaseRegistration:
                 await self._lease.revoke()
 
 
+class _EtcdLeadership:
+    """The leader key, bound to a lease we keep alive; losing the lease ends the leadership."""
+
+    def __init__(self, store: EtcdStore, key: str, lease: aetcd.Lease, ttl: int, epoch: int) -> None:
+        self._store = store
+        self._key = key
+        self._lease = lease
+        self._ttl = ttl
+        self.epoch = epoch
+        self.lost = asyncio.Event()
+        self._task = asyncio.create_task(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                reply = await asyncio.wait_for(self._lease.refresh(), self._ttl / 3)
+                if reply.TTL <= 0:
+                    raise RuntimeError("lease expired")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - we cannot prove we still lead: step down
+                log.warning("leadership_lost", key=self._key, error=str(error))
+                self.lost.set()
+                return
+
+    async def resign(self) -> None:
+        await cancel_task(self._task)
+        with contextlib.suppress(Exception):
+            await self._lease.revoke()
+
+
 class EtcdStore:
     def __init__(self, client: aetcd.Client, address: str) -> None:
         self.client = client
@@ -104,6 +136,27 @@ class EtcdStore:
         registration = _LeaseRegistration(self, key, value, ttl_s)
         await registration.start()
         return registration
+
+    async def campaign(self, key: str, value: bytes, ttl_s: float) -> Leadership:
+        ttl = max(2, round(ttl_s))
+        encoded = key.encode()
+        while True:
+            try:
+                lease = await self.client.lease(ttl)
+                won, _ = await self.client.transaction(
+                    compare=[self.client.transactions.version(encoded) == 0],
+                    success=[self.client.transactions.put(encoded, value, lease=lease)],
+                    failure=[],
+                )
+                if won:
+                    held = await self.client.get(encoded)
+                    return _EtcdLeadership(self, key, lease, ttl, int(held.create_revision))
+                await lease.revoke()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - etcd unavailable: keep campaigning
+                log.warning("campaign_retry", key=key, error=str(error))
+            await asyncio.sleep(RETRY_S)
 
     async def watch_prefix(self, prefix: str) -> AsyncIterator[StoreEvent]:
         known: dict[str, bytes] | None = None

@@ -28,6 +28,16 @@ class Registration(Protocol):
     async def close(self) -> None: ...
 
 
+class Leadership(Protocol):
+    """Held after winning an election: `epoch` orders leaders (a newer one is larger); `lost` is set
+    when the lease behind it could not be kept (the holder must stop acting as leader)."""
+
+    epoch: int
+    lost: asyncio.Event
+
+    async def resign(self) -> None: ...
+
+
 class ClusterStore(Protocol):
     async def put(self, key: str, value: bytes) -> None: ...
 
@@ -43,6 +53,10 @@ class ClusterStore(Protocol):
         """Events under `prefix`, forever; survives store restarts (state is re-read, not lost)."""
         ...
 
+    async def campaign(self, key: str, value: bytes, ttl_s: float) -> Leadership:
+        """Wait until `key` is free, then hold it (lease-bound) with `value`: leader election."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -55,12 +69,24 @@ class _MemoryRegistration:
         await self._store.delete(self._key)
 
 
+class _MemoryLeadership:
+    def __init__(self, store: MemoryStore, key: str, epoch: int) -> None:
+        self._store = store
+        self._key = key
+        self.epoch = epoch
+        self.lost = asyncio.Event()
+
+    async def resign(self) -> None:
+        await self._store.delete(self._key)
+
+
 class MemoryStore:
     """In-process store for the embedded cluster; same semantics, no leases to expire."""
 
     def __init__(self) -> None:
         self._data: dict[str, bytes] = {}
         self._watchers: list[tuple[str, asyncio.Queue[StoreEvent]]] = []
+        self._epochs = 0
 
     def _notify(self, event: StoreEvent) -> None:
         for prefix, queue in self._watchers:
@@ -87,6 +113,13 @@ class MemoryStore:
     async def register(self, key: str, value: bytes, ttl_s: float) -> Registration:
         await self.put(key, value)
         return _MemoryRegistration(self, key)
+
+    async def campaign(self, key: str, value: bytes, ttl_s: float) -> Leadership:
+        while key in self._data:
+            await asyncio.sleep(0.05)
+        self._epochs += 1
+        await self.put(key, value)
+        return _MemoryLeadership(self, key, self._epochs)
 
     async def watch_prefix(self, prefix: str) -> AsyncIterator[StoreEvent]:
         queue: asyncio.Queue[StoreEvent] = asyncio.Queue()

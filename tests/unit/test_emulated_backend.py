@@ -4,11 +4,10 @@ import time
 
 import numpy as np
 import pytest
-
+from lego.profiles import ProfileSet, default_profile_dir
 from lego_worker.cache import CacheFull
 from lego_worker.emulated_backend import EmulatedBackend
 from lego_worker.executor import Executor
-from lego_worker.profiles import ProfileSet, default_profile_dir
 
 PROFILES = ProfileSet(default_profile_dir())
 

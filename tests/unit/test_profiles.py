@@ -1,6 +1,5 @@
 import pytest
-
-from lego_worker.profiles import ProfileSet, default_profile_dir, profile_name
+from lego.profiles import ProfileSet, default_profile_dir, profile_name
 
 PROFILES = ProfileSet(default_profile_dir())
 

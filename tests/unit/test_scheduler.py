@@ -1,170 +1,316 @@
-"""The scheduler core, driven directly with fake handles and explicit time."""
+"""The scheduler core, driven directly with explicit time and fake tensor handles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
 
 from lego.builtin_workflows import sd15_txt2img
 from lego.graph import instantiate
+from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.request_inputs import resolve_inputs
+from lego_coordinator.costs import CostModel
 from lego_coordinator.scheduler import (
+    Decisions,
+    Dispatch,
     NodeStarted,
     RequestDone,
     RequestFailed,
     Scheduler,
     StepProgress,
+    Tensor,
+    apportion,
 )
 
 SPEC = sd15_txt2img("wf", "tiny-sd15", default_size=128)
+OTHER = sd15_txt2img("other", "tiny-sd15", default_size=128)
 
 
-def graph(steps: int = 2, guidance: float = 7.5):
-    return instantiate(
-        SPEC, resolve_inputs(SPEC, {"prompt": "p", "steps": steps, "guidance_scale": guidance})
-    )
+def costs() -> CostModel:
+    directory = default_profile_dir()
+    return CostModel(ProfileSet(directory), load_batch_sizes(directory))
 
 
-def run_to_completion(scheduler: Scheduler, now: float = 0.0, limit: int = 1000):
-    """Complete every dispatched batch at once, like instantly fast workers; returns all events."""
-    events = []
+def graph(steps: int = 2, guidance: float = 7.5, spec=SPEC):  # type: ignore[no-untyped-def]
+    return instantiate(spec, resolve_inputs(spec, {"prompt": "p", "steps": steps, "guidance_scale": guidance}))
+
+
+def outputs_of(dispatch: Dispatch, host: str = "h0") -> dict[str, dict[str, Tensor]]:
+    return {t.task_id: {o: Tensor(f"h:{t.task_id}/{o}", 1024, host) for o in t.node.outputs} for t in dispatch.tasks}
+
+
+def drain(scheduler: Scheduler, now: float = 0.0, limit: int = 2000) -> tuple[list, list[Dispatch]]:
+    """Complete every dispatched batch at once (instantly fast workers); all events and dispatches."""
+    events: list = []
+    dispatched: list[Dispatch] = []
     for _ in range(limit):
-        dispatches, started = scheduler.schedule(now)
-        events += started
-        if not dispatches:
+        decisions = scheduler.schedule(now)
+        events += decisions.events
+        if not decisions.dispatches:
             break
-        for dispatch in dispatches:
-            outputs = {t.task_id: {o: f"h:{t.task_id}/{o}" for o in t.node.outputs} for t in dispatch.tasks}
-            events += scheduler.complete(dispatch.batch_id, outputs, now)
-    return events
+        for dispatch in decisions.dispatches:
+            dispatched.append(dispatch)
+            events += scheduler.complete(dispatch.batch_id, outputs_of(dispatch), now, 0.01)
+    return events, dispatched
 
 
-def test_one_request_runs_to_done_with_progress() -> None:
-    scheduler = Scheduler()
-    scheduler.add_worker("w0")
-    scheduler.submit("r1", graph(steps=3), 0.0)
-    events = run_to_completion(scheduler)
+def step(scheduler: Scheduler, now: float = 0.0, host: str = "h0") -> list[Dispatch]:
+    """One scheduling round whose batches all complete at once."""
+    dispatches = scheduler.schedule(now).dispatches
+    for dispatch in dispatches:
+        scheduler.complete(dispatch.batch_id, outputs_of(dispatch, host), now, 0.01)
+    return dispatches
+
+
+def make(workers: int = 1, **kwargs) -> Scheduler:  # type: ignore[no-untyped-def]
+    scheduler = Scheduler(costs(), **kwargs)
+    for index in range(workers):
+        scheduler.add_worker(f"w{index}", host="h0")
+    return scheduler
+
+
+# ---- the request lifecycle ----
+
+
+def test_one_request_runs_to_done_with_progress_and_execution_time() -> None:
+    scheduler = make()
+    assert scheduler.admit("r1", "wf", graph(steps=3), 0.0).accepted
+    events, _ = drain(scheduler)
     done = [e for e in events if isinstance(e, RequestDone)]
     assert len(done) == 1
     assert done[0].outputs == {"image": "h:r1/vae_3/image"}
     assert done[0].nodes_executed == 16
-    assert [(e.step, e.total) for e in events if isinstance(e, StepProgress)] == [
-        (1, 4),
-        (2, 4),
-        (3, 4),
-        (4, 4),
-    ]
+    assert done[0].execution_s > 0
+    assert [(e.step, e.total) for e in events if isinstance(e, StepProgress)] == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
-def test_cfg_branches_of_a_step_are_batched_uncond_first() -> None:
-    scheduler = Scheduler()
-    scheduler.add_worker("w0")
-    scheduler.submit("r1", graph(steps=1), 0.0)
-    seen = []
-    for _ in range(20):
-        dispatches, _ = scheduler.schedule(0.0)
-        if not dispatches:
-            break
-        for d in dispatches:
-            seen.append((d.op, [t.node.id for t in d.tasks]))
-            scheduler.complete(
-                d.batch_id, {t.task_id: {o: "h" for o in t.node.outputs} for t in d.tasks}, 0.0
-            )
-    assert ("unet", ["denoise_loop_2/step0/uncond", "denoise_loop_2/step0/cond"]) in seen
-    # both text encodes are ready together and batch too
-    assert seen[0] == ("text_encoder", ["text_encoder_0", "text_encoder_1"])
+def test_on_one_worker_cfg_branches_and_both_prompts_are_batched_uncond_first() -> None:
+    scheduler = make(workers=1)
+    scheduler.admit("r1", "wf", graph(steps=1), 0.0)
+    _, dispatched = drain(scheduler)
+    groups = [(d.op, [t.node.id for t in d.tasks]) for d in dispatched]
+    assert groups[0] == ("text_encoder", ["text_encoder_0", "text_encoder_1"])
+    assert ("unet", ["denoise_loop_2/step0/uncond", "denoise_loop_2/step0/cond"]) in groups
 
 
-def test_batch_limit_splits_branches() -> None:
-    scheduler = Scheduler(max_batch=lambda op, model, mode: 1)
-    scheduler.add_worker("w0")
-    scheduler.submit("r1", graph(steps=1), 0.0)
-    sizes = []
-    for _ in range(20):
-        dispatches, _ = scheduler.schedule(0.0)
-        if not dispatches:
-            break
-        for d in dispatches:
-            sizes.append(len(d.tasks))
-            scheduler.complete(
-                d.batch_id, {t.task_id: {o: "h" for o in t.node.outputs} for t in d.tasks}, 0.0
-            )
-    assert set(sizes) == {1}
+def test_idle_workers_run_the_cfg_branches_side_by_side() -> None:
+    scheduler = make(workers=2)
+    scheduler.admit("r1", "wf", graph(steps=1), 0.0)
+    assert sorted(d.op for d in step(scheduler)) == ["noise_scheduler", "text_encoder"]  # both ready at once
+    branches = scheduler.schedule(0.0).dispatches
+    assert [len(d.tasks) for d in branches] == [1, 1]
+    assert {d.worker_id for d in branches} == {"w0", "w1"}
+
+
+def test_under_load_requests_share_batches_across_workflows() -> None:
+    scheduler = make(workers=1)
+    scheduler.admit("a", "wf", graph(), 0.0)
+    scheduler.admit("b", "other", graph(spec=OTHER), 0.0)
+    first = scheduler.schedule(0.0).dispatches[0]
+    assert first.op == "text_encoder"
+    assert sorted({t.request_id for t in first.tasks}) == ["a", "b"]
+
+
+def test_throughput_mode_batches_grow_when_ready_work_outnumbers_workers() -> None:
+    scheduler = make(workers=1)
+    for index in range(12):
+        scheduler.admit(f"r{index}", "wf", graph(), 0.0)
+    # 24 ready text encodes, one worker: CLIP_SD15 throughput mode (32) instead of latency mode (16)
+    first = scheduler.schedule(0.0).dispatches[0]
+    assert len(first.tasks) == 24
 
 
 def test_earlier_requests_go_first() -> None:
-    scheduler = Scheduler(max_batch=lambda op, model, mode: 1)
-    scheduler.add_worker("w0")
-    scheduler.submit("early", graph(), 0.0)
-    scheduler.submit("late", graph(), 1.0)
-    dispatches, _ = scheduler.schedule(2.0)
-    assert [t.request_id for t in dispatches[0].tasks] == ["early"]
+    scheduler = make(workers=1)
+    scheduler.admit("early", "wf", graph(), 0.0)
+    scheduler.admit("late", "wf", graph(guidance=1.0), 1.0)  # guidance 1: no negative prompt, one encode
+    dispatches = scheduler.schedule(2.0).dispatches
+    assert dispatches[0].tasks[0].request_id == "early"
 
 
-def test_requests_share_batches_of_the_same_model() -> None:
-    scheduler = Scheduler()
-    scheduler.add_worker("w0")
-    scheduler.submit("a", graph(), 0.0)
-    scheduler.submit("b", graph(), 0.0)
-    dispatches, _ = scheduler.schedule(0.0)
-    assert dispatches[0].op == "text_encoder"
-    assert sorted({t.request_id for t in dispatches[0].tasks}) == ["a", "b"]
+# ---- placement by cost ----
+
+
+def test_a_batch_goes_where_its_model_is_already_loaded() -> None:
+    scheduler = Scheduler(costs())
+    scheduler.add_worker("cold", host="h0")
+    scheduler.add_worker("warm", host="h0", loaded=["tiny-sd15:text_encoder"])
+    scheduler.admit("r", "wf", graph(), 0.0)
+    assert scheduler.schedule(0.0).dispatches[0].worker_id == "warm"
+
+
+def test_inputs_on_another_host_cost_a_transfer() -> None:
+    scheduler = Scheduler(costs())
+    scheduler.add_worker("far", host="h1", loaded=["tiny-sd15:scheduler", "tiny-sd15:text_encoder"])
+    scheduler.add_worker("near", host="h0", loaded=["tiny-sd15:scheduler", "tiny-sd15:text_encoder"])
+    scheduler.admit("r", "wf", graph(), 0.0)
+    for dispatch in scheduler.schedule(0.0).dispatches:  # text encode and scheduler init
+        held_on = "h0" if dispatch.op == "text_encoder" else ("h0" if dispatch.worker_id == "near" else "h1")
+        big = {t.task_id: {o: Tensor("x", 10**9, held_on) for o in t.node.outputs} for t in dispatch.tasks}
+        scheduler.complete(dispatch.batch_id, big, 0.0, 0.01)
+    branches = scheduler.schedule(0.0).dispatches  # their 1 GB inputs live on h0
+    assert branches and all(d.worker_id == "near" for d in branches)
+
+
+def test_queued_work_counts_and_a_worker_takes_at_most_two_batches() -> None:
+    scheduler = make(workers=1)
+    for index in range(3):
+        scheduler.admit(f"r{index}", "wf", graph(), 0.0)
+    first = scheduler.schedule(0.0).dispatches
+    # all six text encodes in one batch and one stateful init: the worker holds two batches at most
+    assert [(d.op, len(d.tasks)) for d in first] == [("text_encoder", 6), ("noise_scheduler", 1)]
+    assert scheduler.schedule(0.0).dispatches == []
 
 
 def test_scheduler_state_stays_on_the_worker_that_initialised_it() -> None:
-    scheduler = Scheduler()
-    for worker in ("w0", "w1", "w2"):
-        scheduler.add_worker(worker)
-    scheduler.submit("r1", graph(steps=4), 0.0)
-    placements: dict[str, set[str]] = {}
-    for _ in range(100):
-        dispatches, _ = scheduler.schedule(0.0)
-        if not dispatches:
-            break
-        for d in dispatches:
-            placements.setdefault(d.op, set()).add(d.worker_id)
-            scheduler.complete(
-                d.batch_id, {t.task_id: {o: "h" for o in t.node.outputs} for t in d.tasks}, 0.0
-            )
-    assert len(placements["noise_scheduler"]) == 1
+    scheduler = make(workers=3)
+    scheduler.admit("r1", "wf", graph(steps=4), 0.0)
+    _, dispatched = drain(scheduler)
+    assert len({d.worker_id for d in dispatched if d.op == "noise_scheduler"}) == 1
 
 
-def test_a_worker_runs_one_batch_at_a_time() -> None:
-    scheduler = Scheduler()
-    scheduler.add_worker("w0")
-    scheduler.submit("a", graph(), 0.0)
-    first, _ = scheduler.schedule(0.0)
-    second, _ = scheduler.schedule(0.0)
-    assert len(first) == 1
-    assert second == []
+def test_hot_models_are_preloaded_on_idle_workers_before_their_work_is_ready() -> None:
+    scheduler = make(workers=6)
+    for index in range(3):  # 3 requests x 42 UNet calls x 17 ms: ~2 s of UNet work pending
+        scheduler.admit(f"r{index}", "wf", graph(steps=20), 0.0)
+    decisions = scheduler.schedule(0.0)
+    assert all(d.op != "unet" for d in decisions.dispatches)  # no UNet work is ready yet ...
+    assert {p.model for p in decisions.preloads} == {"tiny-sd15:unet"}  # ... but the UNet is loading
+    preloaded = {p.worker_id for p in decisions.preloads}
+    assert preloaded and not preloaded & {d.worker_id for d in decisions.dispatches}
 
 
-def test_removed_worker_requeues_its_batch_and_stale_completions_are_ignored() -> None:
-    scheduler = Scheduler()
-    scheduler.add_worker("w0")
-    scheduler.submit("a", graph(), 0.0)
-    (lost,), _ = scheduler.schedule(0.0)
-    assert scheduler.remove_worker("w0") == []  # no scheduler state held yet: nothing fails
-    scheduler.add_worker("w1")
-    (retry,), started = scheduler.schedule(1.0)
-    assert [t.task_id for t in retry.tasks] == [t.task_id for t in lost.tasks]
-    assert started[0] == NodeStarted("a", "text_encoder_0", "w1")
-    assert scheduler.complete(lost.batch_id, {}, 2.0) == []
+# ---- admission, deadlines, cancellation ----
 
 
-def test_losing_the_worker_with_scheduler_state_fails_the_request_retryably() -> None:
-    scheduler = Scheduler()
-    scheduler.add_worker("w0")
-    scheduler.submit("a", graph(), 0.0)
-    for _ in range(3):  # text encode, then scheduler init (binds the state to w0)
-        (d,), _ = scheduler.schedule(0.0)
-        scheduler.complete(d.batch_id, {t.task_id: {o: "h" for o in t.node.outputs} for t in d.tasks}, 0.0)
-    events = scheduler.remove_worker("w0")
-    assert len(events) == 1 and isinstance(events[0], RequestFailed) and events[0].retryable
+def test_admission_rejects_what_cannot_meet_its_slo_and_names_the_estimate() -> None:
+    scheduler = make(workers=1, enforce_slo=True)
+    standalone = scheduler.costs.standalone_s(graph())
+    first = scheduler.admit("r0", "wf", graph(), 0.0)
+    assert first.accepted and first.deadline == pytest.approx(2 * standalone)
+    admitted = 1
+    while scheduler.admit(f"r{admitted}", "wf", graph(), 0.0).accepted:
+        admitted += 1
+    rejected = scheduler.admit("one-more", "wf", graph(), 0.0)
+    assert not rejected.accepted and "cannot meet its SLO: estimated" in rejected.reason
+    assert admitted == 2  # the backlog of one request fits in the SLO's slack; two do not
 
 
-def test_failed_batch_fails_its_requests_and_cancel_drops_queued_nodes() -> None:
-    scheduler = Scheduler()
-    scheduler.add_worker("w0")
-    scheduler.submit("a", graph(), 0.0)
-    scheduler.submit("b", graph(), 0.0)
-    (d,), _ = scheduler.schedule(0.0)
+def test_a_request_may_bring_its_own_slo() -> None:
+    scheduler = make(workers=1, enforce_slo=True)
+    assert not scheduler.admit("tight", "wf", graph(), 0.0, slo_s=1e-6).accepted
+    assert scheduler.admit("loose", "wf", graph(), 0.0, slo_s=60).deadline == 60
+
+
+def test_without_workers_admission_says_so() -> None:
+    scheduler = Scheduler(costs(), enforce_slo=True)
+    assert scheduler.admit("r", "wf", graph(), 0.0).reason == "no workers are serving"
+
+
+def test_requests_past_their_deadline_are_dropped() -> None:
+    scheduler = make(workers=1, policy="static", enforce_slo=True)
+    admission = scheduler.admit("late", "wf", graph(), 0.0)
+    events = scheduler.schedule(admission.deadline + 0.1).events
+    assert [(e.request_id, e.code) for e in events if isinstance(e, RequestFailed)] == [("late", "deadline")]
+
+
+def test_without_enforcement_nothing_is_rejected_or_dropped() -> None:
+    scheduler = make(workers=1)
+    for index in range(50):
+        assert scheduler.admit(f"r{index}", "wf", graph(), 0.0).deadline == math.inf
+    assert not [e for e in scheduler.schedule(1e9).events if isinstance(e, RequestFailed)]
+
+
+def test_cancel_drops_queued_nodes() -> None:
+    scheduler = make(workers=1)
+    scheduler.admit("a", "wf", graph(), 0.0)
+    (event,) = scheduler.cancel("a")
+    assert isinstance(event, RequestFailed) and event.code == "cancelled"
+    assert scheduler.ready_count() == 0
+    assert scheduler.schedule(0.0).dispatches == []
+
+
+def test_failed_batch_fails_its_requests() -> None:
+    scheduler = make(workers=1)
+    scheduler.admit("a", "wf", graph(), 0.0)
+    scheduler.admit("b", "wf", graph(), 0.0)
+    d = scheduler.schedule(0.0).dispatches[0]  # the text encodes of both
     events = scheduler.fail_batch(d.batch_id, "boom")
     assert {e.request_id for e in events} == {"a", "b"}
     assert all(isinstance(e, RequestFailed) and "boom" in e.message for e in events)
-    assert scheduler.ready_count() == 0
+
+
+# ---- worker failure ----
+
+
+def test_removed_worker_requeues_its_batch_and_stale_completions_are_ignored() -> None:
+    scheduler = make(workers=1)
+    scheduler.admit("a", "wf", graph(), 0.0)
+    lost = scheduler.schedule(0.0).dispatches
+    scheduler.remove_worker("w0")
+    scheduler.add_worker("w1", host="h0")
+    decisions = scheduler.schedule(1.0)
+    tasks = lambda dispatches: sorted(t.task_id for d in dispatches for t in d.tasks)  # noqa: E731
+    assert tasks(decisions.dispatches) == tasks(lost)
+    assert NodeStarted("a", "text_encoder_0", "w1") in decisions.events
+    assert all(scheduler.complete(d.batch_id, {}, 2.0) == [] for d in lost)
+
+
+def test_losing_the_worker_with_scheduler_state_replays_it_elsewhere_and_completes() -> None:
+    scheduler = make(workers=1)
+    scheduler.admit("a", "wf", graph(steps=3), 0.0)
+    ran: list[str] = []
+    while "denoise_loop_2/step0/scheduler" not in ran:
+        ran += [t.node.id for d in step(scheduler) for t in d.tasks]
+    scheduler.remove_worker("w0")
+    scheduler.add_worker("w1", host="h0")
+    events, dispatched = drain(scheduler)
+    stateful = [t.node.id for d in dispatched for t in d.tasks if d.op == "noise_scheduler"]
+    # the new worker first rebuilds the scheduler state: init, then the steps already taken, then on
+    assert stateful[:3] == [
+        "denoise_loop_2/init", "denoise_loop_2/step0/scheduler", "denoise_loop_2/step1/scheduler"
+    ]
+    assert {d.worker_id for d in dispatched} == {"w1"}
+    done = [e for e in events if isinstance(e, RequestDone)]
+    assert len(done) == 1 and done[0].nodes_executed == 16
+    assert not [e for e in events if isinstance(e, RequestFailed)]
+
+
+# ---- monolithic baselines ----
+
+
+def test_static_pins_each_workflow_to_its_share_and_runs_one_request_at_a_time() -> None:
+    scheduler = make(workers=2, policy="static")
+    scheduler.admit("a1", "wf", graph(), 0.0)
+    scheduler.admit("a2", "wf", graph(), 0.0)
+    scheduler.admit("b1", "other", graph(spec=OTHER), 0.0)
+    decisions: Decisions = scheduler.schedule(0.0)
+    assignments = {t.request_id: d.worker_id for d in decisions.dispatches for t in d.tasks}
+    assert assignments == {"b1": "w0", "a1": "w1"}  # workflows sorted: other → w0, wf → w1; a2 waits
+    events: list = []
+    for dispatch in decisions.dispatches:
+        events += scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
+    more, dispatched = drain(scheduler)
+    events += more
+    assert sum(isinstance(e, RequestDone) for e in events) == 3
+    assert all(len({t.request_id for t in d.tasks}) == 1 for d in dispatched)  # never cross-request
+
+
+def test_clockwork_runs_any_workflow_on_any_free_worker_preferring_loaded_models() -> None:
+    scheduler = Scheduler(costs(), policy="clockwork")
+    scheduler.add_worker("w0", host="h0")
+    scheduler.add_worker("w1", host="h0", loaded=["tiny-sd15:text_encoder", "tiny-sd15:unet"])
+    scheduler.admit("a", "wf", graph(), 0.0)
+    assert scheduler.schedule(0.0).dispatches[0].worker_id == "w1"
+
+
+def test_shepherd_splits_workers_by_the_observed_mix() -> None:
+    assert apportion({"a": 9, "b": 1}, ["w0", "w1", "w2", "w3"]) == {"a": ["w0", "w1", "w2"], "b": ["w3"]}
+    assert apportion({"a": 1, "b": 1}, ["w0", "w1", "w2", "w3"]) == {"a": ["w0", "w1"], "b": ["w2", "w3"]}
+    assert apportion({"a": 1, "b": 1, "c": 1}, ["w0", "w1"]) == {"a": ["w0"], "b": ["w1"], "c": ["w0"]}
+
+
+def test_unknown_policy_is_named() -> None:
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Scheduler(policy="fastest")

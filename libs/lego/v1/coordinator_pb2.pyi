@@ -47,9 +47,12 @@ class SubmitRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    SLO_MS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """chosen by the gateway; resubmitting the same id is a no-op"""
     workflow: _builtins.str
+    slo_ms: _builtins.float
+    """0: the default, slo_factor × the workflow's standalone latency"""
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
     def __init__(
@@ -58,10 +61,11 @@ class SubmitRequest(_message.Message):
         request_id: _builtins.str = ...,
         workflow: _builtins.str = ...,
         inputs: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
+        slo_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "request_id", b"request_id", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "request_id", b"request_id", "slo_ms", b"slo_ms", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -73,17 +77,29 @@ class SubmitReply(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     NODE_COUNT_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
+    ESTIMATE_S_FIELD_NUMBER: _builtins.int
+    STANDALONE_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     node_count: _builtins.int
+    deadline_s: _builtins.float
+    """seconds from admission; 0 when no SLO is enforced"""
+    estimate_s: _builtins.float
+    """the admission estimate of its latency"""
+    standalone_s: _builtins.float
+    """its latency alone on one idle worker (the cost model's estimate)"""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         node_count: _builtins.int = ...,
+        deadline_s: _builtins.float = ...,
+        estimate_s: _builtins.float = ...,
+        standalone_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_count", b"node_count", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_s", b"deadline_s", "estimate_s", b"estimate_s", "node_count", b"node_count", "request_id", b"request_id", "standalone_s", b"standalone_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -244,7 +260,10 @@ class RequestDone(_message.Message):
 
     OUTPUTS_FIELD_NUMBER: _builtins.int
     NODES_EXECUTED_FIELD_NUMBER: _builtins.int
+    EXECUTION_S_FIELD_NUMBER: _builtins.int
     nodes_executed: _builtins.int
+    execution_s: _builtins.float
+    """seconds its batches ran on workers (shared batches counted whole)"""
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
     def __init__(
@@ -252,10 +271,11 @@ class RequestDone(_message.Message):
         *,
         outputs: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
         nodes_executed: _builtins.int = ...,
+        execution_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes_executed", b"nodes_executed", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "nodes_executed", b"nodes_executed", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,6 +322,25 @@ class ReleaseRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleaseRequest: _TypeAlias = ReleaseRequest  # noqa: Y015
+
+@_typing.final
+class CancelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
 
 @_typing.final
 class WorkerHello(_message.Message):
@@ -413,10 +452,13 @@ class TaskBatch(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     PATCHES_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     op: _builtins.str
     model: _builtins.str
     mode: _builtins.str
+    epoch: _builtins.int
+    """the sending leader's term: a worker refuses batches from an older one"""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]: ...
     @_builtins.property
@@ -432,14 +474,34 @@ class TaskBatch(_message.Message):
         mode: _builtins.str = ...,
         tasks: _abc.Iterable[Global___Task] | None = ...,
         patches: _abc.Iterable[_common_pb2.Patch] | None = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "mode", b"mode", "model", b"model", "op", b"op", "patches", b"patches", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "epoch", b"epoch", "mode", b"mode", "model", b"model", "op", b"op", "patches", b"patches", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskBatch: _TypeAlias = TaskBatch  # noqa: Y015
+
+@_typing.final
+class PreloadModel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreloadModel: _TypeAlias = PreloadModel  # noqa: Y015
 
 @_typing.final
 class TaskResult(_message.Message):
@@ -583,21 +645,25 @@ class CoordinatorMessage(_message.Message):
 
     BATCH_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    PRELOAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def batch(self) -> Global___TaskBatch: ...
     @_builtins.property
     def release(self) -> Global___ReleaseRequest: ...
+    @_builtins.property
+    def preload(self) -> Global___PreloadModel: ...
     def __init__(
         self,
         *,
         batch: Global___TaskBatch | None = ...,
         release: Global___ReleaseRequest | None = ...,
+        preload: Global___PreloadModel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "preload", b"preload", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "preload", b"preload", "release", b"release"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["batch", "release"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["batch", "release", "preload"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -639,8 +705,12 @@ class ClusterStatusReply(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     READY_TASKS_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     requests_in_flight: _builtins.int
     ready_tasks: _builtins.int
+    policy: _builtins.str
+    epoch: _builtins.int
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]: ...
     def __init__(
@@ -649,10 +719,12 @@ class ClusterStatusReply(_message.Message):
         workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
         requests_in_flight: _builtins.int = ...,
         ready_tasks: _builtins.int = ...,
+        policy: _builtins.str = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ready_tasks", b"ready_tasks", "requests_in_flight", b"requests_in_flight", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "policy", b"policy", "ready_tasks", b"ready_tasks", "requests_in_flight", b"requests_in_flight", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,11 @@ class CoordinatorStub:
                 request_serializer=lego_dot_v1_dot_coordinator__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_common__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/lego.v1.Coordinator/Cancel',
+                request_serializer=lego_dot_v1_dot_coordinator__pb2.CancelRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_common__pb2.Empty.FromString,
+                _registered_method=True)
         self.ClusterStatus = channel.unary_unary(
                 '/lego.v1.Coordinator/ClusterStatus',
                 request_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
@@ -85,6 +90,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Stop a request: its queued nodes are dropped and its tensors freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ClusterStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -113,6 +125,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
                     request_deserializer=lego_dot_v1_dot_coordinator__pb2.ReleaseRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=lego_dot_v1_dot_coordinator__pb2.CancelRequest.FromString,
                     response_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
             ),
             'ClusterStatus': grpc.unary_unary_rpc_method_handler(
@@ -206,6 +223,33 @@ class Coordinator:
             target,
             '/lego.v1.Coordinator/Release',
             lego_dot_v1_dot_coordinator__pb2.ReleaseRequest.SerializeToString,
+            lego_dot_v1_dot_common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Coordinator/Cancel',
+            lego_dot_v1_dot_coordinator__pb2.CancelRequest.SerializeToString,
             lego_dot_v1_dot_common__pb2.Empty.FromString,
             options,
             channel_credentials,

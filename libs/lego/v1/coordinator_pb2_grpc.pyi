@@ -37,6 +37,8 @@ class CoordinatorStub:
     """Progress of one request until it is done or failed (replays what already happened)."""
     Release: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ReleaseRequest, _common_pb2.Empty]
     """The client has its outputs: the request's tensors can be freed."""
+    Cancel: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CancelRequest, _common_pb2.Empty]
+    """Stop a request: its queued nodes are dropped and its tensors freed."""
     ClusterStatus: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ClusterStatusReply]
     WorkerStream: _grpc.StreamStreamMultiCallable[_coordinator_pb2.WorkerMessage, _coordinator_pb2.CoordinatorMessage]
 
@@ -48,6 +50,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Progress of one request until it is done or failed (replays what already happened)."""
     Release: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ReleaseRequest, _common_pb2.Empty]  # type: ignore[assignment]
     """The client has its outputs: the request's tensors can be freed."""
+    Cancel: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CancelRequest, _common_pb2.Empty]  # type: ignore[assignment]
+    """Stop a request: its queued nodes are dropped and its tensors freed."""
     ClusterStatus: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _coordinator_pb2.ClusterStatusReply]  # type: ignore[assignment]
     WorkerStream: _aio.StreamStreamMultiCallable[_coordinator_pb2.WorkerMessage, _coordinator_pb2.CoordinatorMessage]  # type: ignore[assignment]
 
@@ -74,6 +78,14 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.Empty, _abc.Awaitable[_common_pb2.Empty]]:
         """The client has its outputs: the request's tensors can be freed."""
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _coordinator_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.Empty, _abc.Awaitable[_common_pb2.Empty]]:
+        """Stop a request: its queued nodes are dropped and its tensors freed."""
 
     @_abc_1.abstractmethod
     def ClusterStatus(

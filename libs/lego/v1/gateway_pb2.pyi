@@ -47,9 +47,12 @@ class GenerateRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SLO_MS_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     request_id: _builtins.str
     """optional; generated when empty"""
+    slo_ms: _builtins.float
+    """optional latency objective; 0: the workflow's default"""
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
     def __init__(
@@ -58,10 +61,11 @@ class GenerateRequest(_message.Message):
         workflow: _builtins.str = ...,
         inputs: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
         request_id: _builtins.str = ...,
+        slo_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "request_id", b"request_id", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "request_id", b"request_id", "slo_ms", b"slo_ms", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -77,12 +81,15 @@ class GenerateReply(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     LATENCY_S_FIELD_NUMBER: _builtins.int
     NODES_EXECUTED_FIELD_NUMBER: _builtins.int
+    EXECUTION_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     png: _builtins.bytes
     width: _builtins.int
     height: _builtins.int
     latency_s: _builtins.float
     nodes_executed: _builtins.int
+    execution_s: _builtins.float
+    """seconds the request's batches ran on workers"""
     def __init__(
         self,
         *,
@@ -92,10 +99,11 @@ class GenerateReply(_message.Message):
         height: _builtins.int = ...,
         latency_s: _builtins.float = ...,
         nodes_executed: _builtins.int = ...,
+        execution_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "latency_s", b"latency_s", "nodes_executed", b"nodes_executed", "png", b"png", "request_id", b"request_id", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "height", b"height", "latency_s", b"latency_s", "nodes_executed", b"nodes_executed", "png", b"png", "request_id", b"request_id", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

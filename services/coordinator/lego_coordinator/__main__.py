@@ -1,17 +1,42 @@
 import argparse
+from pathlib import Path
 
-from lego.service_main import run_service
+from lego.service_main import base_parser, run_service
 from lego.store import ClusterStore
 
-from lego_coordinator.service import CoordinatorService, serve
+from lego_coordinator.scheduler import POLICIES
+from lego_coordinator.service import CoordinatorConfig, CoordinatorService, serve
 
 
 async def _start(store: ClusterStore, args: argparse.Namespace) -> CoordinatorService:
-    return await serve(store, args.host, args.port)
+    return await serve(store, args.host, args.port, config_from(args))
+
+
+def config_from(args: argparse.Namespace) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        policy=args.policy, enforce_slo=args.enforce_slo, slo_factor=args.slo_factor, profile_dir=args.profile
+    )
+
+
+def add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy", choices=POLICIES, default="lego", help="scheduling policy (default: lego)"
+    )
+    parser.add_argument(
+        "--enforce-slo",
+        action="store_true",
+        help="admission control (429 when an SLO cannot be met), deadline drops",
+    )
+    parser.add_argument(
+        "--slo-factor", type=float, default=2.0, help="default SLO = factor x standalone latency"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_service("coordinator", _start, argv)
+    parser = base_parser("coordinator")
+    add_policy_flags(parser)
+    parser.add_argument("--profile", type=Path, default=None, help="profile dir for cost estimates")
+    return run_service("coordinator", _start, argv, parser)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,49 @@
 """The scheduler core: pure, deterministic, no I/O and no clock of its own (time is an argument).
 
-It holds each request's DAG state, a ready queue ordered by request arrival then depth from the
-sinks, groups ready nodes with the same (op, model, mode) into batches, and places each batch on an
-idle worker (the one holding the request's noise-scheduler state for stateful nodes; else one that
-has the model loaded; else any). The coordinator service and, later, the simulator drive it.
+It holds each request's DAG state and decides, on every `schedule(now)`, what runs where:
+
+- policy `lego` (micro-serving): a ready queue ordered by request arrival then depth from the sinks;
+  ready nodes with the same (op, model, mode, patch set) from any request or workflow form batches
+  (latency-mode size, throughput-mode size when the ready work outnumbers the idle workers); batches
+  are split across idle workers when that finishes sooner (adaptive parallelism, e.g. the two CFG
+  branches of a step); each batch goes to the worker where it would finish first (queued work +
+  model load if not resident + input transfer + execution); hot models get preloaded on idle
+  workers; requests are admitted only if their SLO can be met.
+- baselines `static`, `clockwork`, `shepherd` (monolithic serving): a request is one placement unit
+  run alone on one worker, FCFS; `static` pins each workflow to an equal share of the workers,
+  `shepherd` to a share planned from the observed request mix, `clockwork` lets any workflow run on
+  any worker (preferring one that holds its models, swapping otherwise).
+
+The coordinator service and the simulator drive this same object.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import math
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lego import operators
 from lego.graph import Ref, RequestGraph, TaskNode
 from lego.values import Scalar
 
-Handle = object  # opaque to the core: whatever the shell uses for tensor handles
+from lego_coordinator.costs import CostModel
+
+POLICIES = ("lego", "static", "clockwork", "shepherd")
+FailureCode = Literal["unavailable", "deadline", "cancelled", "internal"]
+PRELOAD_BACKLOG_S = 0.25  # pending work per replica above which a hot model is preloaded elsewhere
+SHEPHERD_REPLAN_S = 10.0
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A produced tensor: the shell's handle (opaque here), its size and the host that holds it."""
+
+    handle: object
+    nbytes: int = 0
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -42,18 +69,28 @@ class StepProgress:
 @dataclass(frozen=True)
 class RequestDone:
     request_id: str
-    outputs: dict[str, Handle]
+    outputs: dict[str, object]
     nodes_executed: int
+    execution_s: float
 
 
 @dataclass(frozen=True)
 class RequestFailed:
     request_id: str
     message: str
-    retryable: bool = False
+    code: FailureCode = "internal"
 
 
 Event = NodeStarted | NodeFinished | StepProgress | RequestDone | RequestFailed
+
+
+@dataclass(frozen=True)
+class Admission:
+    accepted: bool
+    reason: str = ""
+    deadline: float = math.inf
+    estimate_s: float = 0.0
+    standalone_s: float = 0.0
 
 
 @dataclass
@@ -61,7 +98,7 @@ class BatchTask:
     task_id: str
     request_id: str
     node: TaskNode
-    inputs: dict[str, Scalar | Handle]
+    inputs: dict[str, Scalar | object]
 
 
 @dataclass
@@ -75,19 +112,40 @@ class Dispatch:
     patches: tuple[tuple[str, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class Preload:
+    worker_id: str
+    model: str
+
+
+@dataclass
+class Decisions:
+    dispatches: list[Dispatch] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    preloads: list[Preload] = field(default_factory=list)
+
+
 @dataclass
 class _Request:
     request_id: str
+    workflow: str
     graph: RequestGraph
     arrival: float
     seq: int
+    deadline: float
+    standalone_s: float
     remaining: dict[str, int]
     successors: dict[str, list[str]]
-    produced: dict[Ref, Handle] = field(default_factory=dict)
+    produced: dict[Ref, Tensor] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)
     state_workers: dict[str, str] = field(default_factory=dict)
+    replay: list[str] = field(default_factory=list)  # stateful nodes re-run to rebuild lost state
+    worker: str | None = None  # monolithic policies: the worker running the whole request
     finished: bool = False
+    execution_s: float = 0.0
     order: dict[str, int] = field(default_factory=dict)
+    work_ratio: float = 1.0  # standalone time ÷ one-by-one work: what batching saves
 
     def __post_init__(self) -> None:
         self.order = {node_id: index for index, node_id in enumerate(self.graph.nodes)}
@@ -96,8 +154,13 @@ class _Request:
 @dataclass
 class _Worker:
     worker_id: str
-    batch_id: str | None = None
+    host: str
+    index: int
+    in_flight: list[str] = field(default_factory=list)
     loaded: set[str] = field(default_factory=set)
+    busy_until: float = 0.0
+    serving: str | None = None  # monolithic: the request it runs
+    preloading: set[str] = field(default_factory=set)
 
 
 def _batch_key(node: TaskNode) -> tuple[str, str, str, tuple[tuple[str, float], ...]]:
@@ -105,83 +168,182 @@ def _batch_key(node: TaskNode) -> tuple[str, str, str, tuple[tuple[str, float], 
     return (node.op, node.model, node.mode, node.patches)
 
 
-DEFAULT_MAX_BATCH = {"unet": 8, "text_encoder": 8, "vae": 4}
-
-
-def default_max_batch(op: str, model: str, mode: str) -> int:
-    return DEFAULT_MAX_BATCH.get(op, 1)
+def _stateful(node: TaskNode) -> bool:
+    signature = operators.SIGNATURES.get(node.op, {}).get(node.mode)
+    return bool(signature and signature.stateful)
 
 
 class Scheduler:
-    def __init__(self, max_batch: Callable[[str, str, str], int] = default_max_batch) -> None:
-        self._max_batch = max_batch
+    def __init__(
+        self,
+        costs: CostModel | None = None,
+        policy: str = "lego",
+        enforce_slo: bool = False,
+        slo_factor: float = 2.0,
+        max_in_flight: int = 2,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.costs = costs or CostModel()
+        self.policy = policy
+        self.enforce_slo = enforce_slo
+        self.slo_factor = slo_factor
+        self.max_in_flight = max_in_flight if policy == "lego" else 1
         self._requests: dict[str, _Request] = {}
         self._workers: dict[str, _Worker] = {}
-        self._ready: set[tuple[str, str]] = set()  # (request_id, node_id)
+        self._ready: set[tuple[str, str]] = set()
         self._in_flight: dict[str, Dispatch] = {}
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
+        self._worker_index = itertools.count()
+        self._arrivals: Counter[str] = Counter()  # shepherd's view of the request mix
+        self._plan: dict[str, list[str]] = {}  # workflow → workers (static, shepherd)
+        self._planned_at = -math.inf
+        self._pending_s: Counter[str] = Counter()  # model → estimated seconds of work not yet done
 
     # ---- membership ----
 
-    def add_worker(self, worker_id: str, loaded: list[str] | None = None) -> None:
-        self._workers.setdefault(worker_id, _Worker(worker_id)).loaded.update(loaded or [])
+    def add_worker(self, worker_id: str, host: str = "", loaded: list[str] | None = None) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            worker = _Worker(worker_id, host, next(self._worker_index))
+            self._workers[worker_id] = worker
+            self._plan = {}
+        worker.loaded.update(loaded or [])
 
     def remove_worker(self, worker_id: str) -> list[Event]:
-        """Requeue the worker's in-flight nodes; requests whose scheduler state it held fail."""
+        """A worker died or left: its in-flight nodes run again elsewhere, and per-request scheduler
+        state it held is rebuilt by replaying that request's scheduler nodes on another worker."""
         worker = self._workers.pop(worker_id, None)
-        events: list[Event] = []
         if worker is None:
-            return events
-        if worker.batch_id is not None:
-            dispatch = self._in_flight.pop(worker.batch_id)
+            return []
+        self._plan = {}
+        for batch_id in worker.in_flight:
+            dispatch = self._in_flight.pop(batch_id)
             for task in dispatch.tasks:
-                if task.request_id in self._requests:
+                request = self._requests.get(task.request_id)
+                if request is not None and not request.finished:
+                    request.running.discard(task.node.id)
+                    if task.node.id in request.replay:
+                        continue  # re-queued with the rest of the replay below
                     self._ready.add((task.request_id, task.node.id))
-        for request in list(self._requests.values()):
-            if not request.finished and worker_id in request.state_workers.values():
-                events.append(
-                    self._fail(
-                        request, f"worker {worker_id} holding its scheduler state left", retryable=True
-                    )
-                )
-        return events
+        for request in self._requests.values():
+            if request.finished:
+                continue
+            if request.worker == worker_id:  # monolithic: the whole request starts over
+                self._restart(request)
+                continue
+            for key, holder in list(request.state_workers.items()):
+                if holder == worker_id:
+                    self._replay_state(request, key)
+        return []
+
+    def _replay_state(self, request: _Request, key: str) -> None:
+        del request.state_workers[key]
+        lost = [
+            n
+            for n in request.graph.nodes.values()
+            if n.state_key == key and (n.id in request.done or n.id in request.replay)
+        ]
+        if not lost:
+            return
+        request.replay = [n.id for n in lost]
+        for node in lost:
+            if node.id in request.done:
+                request.done.discard(node.id)
+                self._pending_s[node.model] += self.costs.exec_s(node)
+        self._ready.add((request.request_id, request.replay[0]))
+
+    def _restart(self, request: _Request) -> None:
+        for node_id in request.done:
+            node = request.graph.nodes[node_id]
+            self._pending_s[node.model] += self.costs.exec_s(node)
+        request.worker = None
+        request.done.clear()
+        request.running.clear()
+        request.produced.clear()
+        request.state_workers.clear()
+        request.replay.clear()
+        request.execution_s = 0.0
+        self._ready = {e for e in self._ready if e[0] != request.request_id}
+        self._init_readiness(request)
 
     def set_loaded(self, worker_id: str, models: list[str]) -> None:
         """What the worker reports resident on its device (after loads and evictions)."""
         worker = self._workers.get(worker_id)
         if worker is not None:
             worker.loaded = set(models)
+            worker.preloading -= worker.loaded
 
     def workers(self) -> dict[str, tuple[bool, list[str]]]:
-        return {w.worker_id: (w.batch_id is not None, sorted(w.loaded)) for w in self._workers.values()}
+        return {w.worker_id: (bool(w.in_flight), sorted(w.loaded)) for w in self._workers.values()}
 
-    # ---- requests ----
+    # ---- admission ----
 
-    def submit(self, request_id: str, graph: RequestGraph, now: float) -> None:
+    def _backlog_s(self) -> float:
+        work = 0.0
+        for request in self._requests.values():
+            if not request.finished:
+                pending = [n for n in request.graph.nodes.values() if n.id not in request.done]
+                work += self.costs.work_s(pending) * request.work_ratio
+        return work / max(1, len(self._workers))
+
+    def admit(
+        self, request_id: str, workflow: str, graph: RequestGraph, now: float, slo_s: float | None = None
+    ) -> Admission:
         if request_id in self._requests:
-            return
-        remaining: dict[str, int] = {}
-        successors: dict[str, list[str]] = {node_id: [] for node_id in graph.nodes}
-        for node in graph.nodes.values():
-            producers = {v.node for v in node.inputs.values() if isinstance(v, Ref)}
-            remaining[node.id] = len(producers)
-            for producer in producers:
-                successors[producer].append(node.id)
-        request = _Request(request_id, graph, now, next(self._seq), remaining, successors)
+            return Admission(True, deadline=self._requests[request_id].deadline)
+        standalone = self.costs.standalone_s(graph)
+        slo = slo_s if slo_s else self.slo_factor * standalone
+        deadline = now + slo if (self.enforce_slo or slo_s) else math.inf
+        estimate = standalone
+        if self.policy == "lego" and self.enforce_slo:
+            if not self._workers:
+                return Admission(False, "no workers are serving", deadline, math.inf, standalone)
+            estimate = self._backlog_s() + standalone
+            if estimate > slo:
+                return Admission(
+                    False,
+                    f"cannot meet its SLO: estimated {estimate:.3f}s > {slo:.3f}s "
+                    f"({len(self._workers)} workers busy)",
+                    deadline,
+                    estimate,
+                    standalone,
+                )
+        request = _Request(request_id, workflow, graph, now, next(self._seq), deadline, standalone, {}, {})
+        work = self.costs.work_s(graph.nodes.values())
+        request.work_ratio = standalone / work if work > 0 else 1.0
+        self._init_readiness(request)
         self._requests[request_id] = request
-        self._ready.update((request_id, n) for n, count in remaining.items() if count == 0)
+        self._arrivals[workflow] += 1
+        for node in graph.nodes.values():
+            self._pending_s[node.model] += self.costs.exec_s(node)
+        return Admission(True, "", deadline, estimate, standalone)
+
+    def _init_readiness(self, request: _Request) -> None:
+        request.remaining = {}
+        request.successors = {node_id: [] for node_id in request.graph.nodes}
+        for node in request.graph.nodes.values():
+            producers = {v.node for v in node.inputs.values() if isinstance(v, Ref)}
+            request.remaining[node.id] = len(producers)
+            for producer in producers:
+                request.successors[producer].append(node.id)
+        self._ready.update((request.request_id, n) for n, c in request.remaining.items() if c == 0)
 
     def release(self, request_id: str) -> None:
         """Forget a request (answered, failed or cancelled); its queued nodes are dropped."""
-        self._requests.pop(request_id, None)
+        request = self._requests.pop(request_id, None)
         self._ready = {entry for entry in self._ready if entry[0] != request_id}
+        if request is not None and request.worker in self._workers:
+            worker = self._workers[request.worker]
+            if worker.serving == request_id:
+                worker.serving = None
 
     def cancel(self, request_id: str) -> list[Event]:
         request = self._requests.get(request_id)
         if request is None or request.finished:
             return []
-        return [self._fail(request, "cancelled")]
+        return [self._fail(request, "cancelled", "cancelled")]
 
     def in_flight_requests(self) -> int:
         return sum(1 for r in self._requests.values() if not r.finished)
@@ -191,101 +353,251 @@ class Scheduler:
 
     # ---- scheduling ----
 
+    def schedule(self, now: float) -> Decisions:
+        decisions = Decisions()
+        self._drop_expired(now, decisions.events)
+        if self.policy == "lego":
+            self._schedule_lego(now, decisions)
+        else:
+            self._schedule_monolithic(now, decisions)
+        return decisions
+
+    def _drop_expired(self, now: float, events: list[Event]) -> None:
+        for request in self._requests.values():
+            if not request.finished and now > request.deadline:
+                waited, slo = now - request.arrival, request.deadline - request.arrival
+                message = f"deadline passed after {waited:.3f}s (SLO {slo:.3f}s)"
+                events.append(self._fail(request, message, "deadline"))
+
     def _priority(self, entry: tuple[str, str]) -> tuple[int, int, int]:
         request = self._requests[entry[0]]
         node = request.graph.nodes[entry[1]]
         return (request.seq, -node.depth, request.order[node.id])
 
-    def _resolve_inputs(self, request: _Request, node: TaskNode) -> dict[str, Scalar | Handle]:
-        return {
-            name: request.produced[value] if isinstance(value, Ref) else value
-            for name, value in node.inputs.items()
-        }
+    def _blocked(self, request: _Request, node: TaskNode) -> bool:
+        """A stateful node waits while its request's scheduler state is being rebuilt."""
+        return bool(request.replay) and node.state_key != "" and node.id != request.replay[0]
 
-    def _choose_worker(self, request: _Request, node: TaskNode, idle: list[_Worker]) -> _Worker | None:
-        if node.state_key and node.state_key in request.state_workers:
-            bound = request.state_workers[node.state_key]
-            return next((w for w in idle if w.worker_id == bound), None)
-        with_model = [w for w in idle if node.model in w.loaded]
-        candidates = with_model or idle
-        return candidates[0] if candidates else None
+    def _ready_queue(self) -> list[tuple[str, str]]:
+        queue = []
+        for entry in sorted(self._ready, key=self._priority):
+            request = self._requests[entry[0]]
+            if not self._blocked(request, request.graph.nodes[entry[1]]):
+                queue.append(entry)
+        return queue
 
-    def schedule(self, now: float) -> tuple[list[Dispatch], list[Event]]:
-        dispatches: list[Dispatch] = []
-        events: list[Event] = []
-        idle = [w for w in self._workers.values() if w.batch_id is None]
-        queue = sorted(self._ready, key=self._priority)
+    def _node(self, entry: tuple[str, str]) -> TaskNode:
+        return self._requests[entry[0]].graph.nodes[entry[1]]
+
+    def _form_batches(self, queue: list[tuple[str, str]], idle: int) -> list[list[tuple[str, str]]]:
+        by_key: Counter[tuple[object, ...]] = Counter(_batch_key(self._node(e)) for e in queue)
         taken: set[tuple[str, str]] = set()
+        batches = []
         for entry in queue:
-            if not idle:
-                break
             if entry in taken:
                 continue
-            request = self._requests[entry[0]]
-            node = request.graph.nodes[entry[1]]
-            worker = self._choose_worker(request, node, idle)
-            if worker is None:
-                continue
-            stateful = operators.SIGNATURES.get(node.op, {}).get(node.mode)
-            limit = (
-                1
-                if (stateful and stateful.stateful)
-                else max(1, self._max_batch(node.op, node.model, node.mode))
-            )
+            node = self._node(entry)
+            if _stateful(node):
+                limit = 1
+            else:
+                latency, throughput = self.costs.batch_limits(node)
+                limit = throughput if by_key[_batch_key(node)] > latency * max(1, idle) else latency
             members = [entry]
             for other in queue:
                 if len(members) >= limit:
                     break
-                if other in taken or other == entry:
-                    continue
-                other_node = self._requests[other[0]].graph.nodes[other[1]]
-                if _batch_key(other_node) == _batch_key(node):
+                if (
+                    other not in taken
+                    and other != entry
+                    and _batch_key(self._node(other)) == _batch_key(node)
+                ):
                     members.append(other)
             taken.update(members)
-            batch_id = f"b{next(self._batch_ids)}"
-            tasks = []
-            for request_id, node_id in members:
-                member_request = self._requests[request_id]
-                member_node = member_request.graph.nodes[node_id]
-                if member_node.state_key:
-                    member_request.state_workers.setdefault(member_node.state_key, worker.worker_id)
-                tasks.append(
-                    BatchTask(
-                        f"{request_id}/{node_id}",
-                        request_id,
-                        member_node,
-                        self._resolve_inputs(member_request, member_node),
-                    )
-                )
-                events.append(NodeStarted(request_id, node_id, worker.worker_id))
-            dispatch = Dispatch(
-                batch_id, worker.worker_id, node.op, node.model, node.mode, tasks, node.patches
+            batches.append(members)
+        return batches
+
+    def _split_for_parallelism(
+        self, batches: list[list[tuple[str, str]]], idle: int
+    ) -> list[list[tuple[str, str]]]:
+        """With idle workers to spare, run a batch's members side by side when that is faster."""
+        spare = idle - len(batches)
+        for batch in sorted(batches, key=len, reverse=True):
+            while spare > 0 and len(batch) > 1:
+                node = self._node(batch[0])
+                together = self.costs.exec_s(node, len(batch))
+                apart = max(self.costs.exec_s(node, len(batch) - 1), self.costs.exec_s(node, 1))
+                if apart >= together:
+                    break
+                batches.append([batch.pop()])
+                spare -= 1
+        return batches
+
+    def _cost(self, worker: _Worker, nodes: list[TaskNode], request_ids: list[str], now: float) -> float:
+        node = nodes[0]
+        load = 0.0 if node.model in worker.loaded else self.costs.load_s(node.model)
+        transfer = 0.0
+        for member, request_id in zip(nodes, request_ids, strict=True):
+            request = self._requests[request_id]
+            for value in member.inputs.values():
+                if isinstance(value, Ref) and value in request.produced:
+                    tensor = request.produced[value]
+                    transfer += self.costs.transfer_s(tensor.nbytes, tensor.host == worker.host)
+        return max(0.0, worker.busy_until - now) + load + transfer + self.costs.exec_s(node, len(nodes))
+
+    def _schedule_lego(self, now: float, decisions: Decisions) -> None:
+        available = [w for w in self._workers.values() if len(w.in_flight) < self.max_in_flight]
+        if not available:
+            return
+        idle = sum(1 for w in self._workers.values() if not w.in_flight)
+        queue = self._ready_queue()
+        batches = self._split_for_parallelism(self._form_batches(queue, idle), idle)
+        batches.sort(key=lambda batch: self._priority(batch[0]))
+        for batch in batches:
+            if not available:
+                break
+            nodes = [self._node(e) for e in batch]
+            request = self._requests[batch[0][0]]
+            candidates = available
+            if nodes[0].state_key and nodes[0].state_key in request.state_workers:
+                candidates = [
+                    w for w in available if w.worker_id == request.state_workers[nodes[0].state_key]
+                ]
+            if not candidates:
+                continue
+            worker = min(
+                candidates, key=lambda w: (self._cost(w, nodes, [e[0] for e in batch], now), w.index)
             )
-            self._ready.difference_update(members)
-            self._in_flight[batch_id] = dispatch
-            worker.batch_id = batch_id
-            idle.remove(worker)
-            dispatches.append(dispatch)
-        return dispatches, events
+            self._dispatch(batch, worker, now, decisions)
+            if len(worker.in_flight) >= self.max_in_flight:
+                available.remove(worker)
+        self._preload_hot_models(decisions)
+
+    def _preload_hot_models(self, decisions: Decisions) -> None:
+        """Scale a model out before its work is ready: when the work admitted but not yet done for it
+        exceeds PRELOAD_BACKLOG_S per replica, an idle worker loads it now (hiding the load time)."""
+        idle = [w for w in self._workers.values() if not w.in_flight]
+        for model, pending in self._pending_s.most_common():
+            if not idle or pending <= 0:
+                return
+            replicas = sum(1 for w in self._workers.values() if model in w.loaded or model in w.preloading)
+            if pending / max(1, replicas) < PRELOAD_BACKLOG_S:
+                continue
+            target = next((w for w in idle if model not in w.loaded and model not in w.preloading), None)
+            if target is not None:
+                target.preloading.add(model)
+                idle.remove(target)
+                decisions.preloads.append(Preload(target.worker_id, model))
+
+    def _dispatch(
+        self, batch: list[tuple[str, str]], worker: _Worker, now: float, decisions: Decisions
+    ) -> None:
+        first = self._node(batch[0])
+        batch_id = f"b{next(self._batch_ids)}"
+        tasks = []
+        for request_id, node_id in batch:
+            request = self._requests[request_id]
+            node = request.graph.nodes[node_id]
+            if node.state_key:
+                request.state_workers.setdefault(node.state_key, worker.worker_id)
+            inputs = {
+                name: request.produced[value].handle if isinstance(value, Ref) else value
+                for name, value in node.inputs.items()
+            }
+            tasks.append(BatchTask(f"{request_id}/{node_id}", request_id, node, inputs))
+            request.running.add(node_id)
+            decisions.events.append(NodeStarted(request_id, node_id, worker.worker_id))
+        dispatch = Dispatch(
+            batch_id, worker.worker_id, first.op, first.model, first.mode, tasks, first.patches
+        )
+        self._ready.difference_update(batch)
+        self._in_flight[batch_id] = dispatch
+        worker.in_flight.append(batch_id)
+        load = 0.0 if first.model in worker.loaded else self.costs.load_s(first.model)
+        worker.busy_until = max(now, worker.busy_until) + load + self.costs.exec_s(first, len(batch))
+        decisions.dispatches.append(dispatch)
+
+    # ---- monolithic baselines ----
+
+    def _allowed_workers(self, workflow: str, now: float) -> list[_Worker]:
+        workers = sorted(self._workers.values(), key=lambda w: w.index)
+        if self.policy == "clockwork" or not workers:
+            return workers
+        if self.policy == "shepherd" and now - self._planned_at >= SHEPHERD_REPLAN_S:
+            self._plan = {}
+        if workflow not in self._plan:
+            self._replan(workers, now, extra=workflow)
+        names = set(self._plan.get(workflow, []))
+        return [w for w in workers if w.worker_id in names]
+
+    def _replan(self, workers: list[_Worker], now: float, extra: str) -> None:
+        known = sorted(set(self._arrivals) | {extra} | {r.workflow for r in self._requests.values()})
+        weights = {name: (self._arrivals[name] or 1) if self.policy == "shepherd" else 1 for name in known}
+        self._plan = apportion(weights, [w.worker_id for w in workers])
+        self._planned_at = now
+
+    def _schedule_monolithic(self, now: float, decisions: Decisions) -> None:
+        waiting = sorted(
+            (r for r in self._requests.values() if not r.finished and r.worker is None), key=lambda r: r.seq
+        )
+        for request in waiting:
+            free = [w for w in self._allowed_workers(request.workflow, now) if w.serving is None]
+            if not free:
+                continue
+            models = {n.model for n in request.graph.nodes.values()}
+            worker = max(free, key=lambda w: (len(models & w.loaded), -w.index))
+            worker.serving = request.request_id
+            request.worker = worker.worker_id
+        for worker in self._workers.values():
+            if worker.serving is None or worker.in_flight:
+                continue
+            serving = self._requests.get(worker.serving)
+            if serving is None or serving.finished:
+                worker.serving = None
+                continue
+            queue = [e for e in self._ready_queue() if e[0] == serving.request_id]
+            if queue:
+                key = _batch_key(self._node(queue[0]))
+                limit = 1 if _stateful(self._node(queue[0])) else len(queue)
+                batch = [e for e in queue if _batch_key(self._node(e)) == key][:limit]
+                self._dispatch(batch, worker, now, decisions)
 
     # ---- completions ----
 
-    def complete(self, batch_id: str, outputs: dict[str, dict[str, Handle]], now: float) -> list[Event]:
+    def complete(
+        self,
+        batch_id: str,
+        outputs: dict[str, dict[str, Tensor]],
+        now: float,
+        execution_s: float | None = None,
+    ) -> list[Event]:
         dispatch = self._in_flight.pop(batch_id, None)
         if dispatch is None:
-            return []  # a stale report (the worker was removed meanwhile): ignore, never apply twice
+            return []  # a stale report (the worker was removed meanwhile): never applied twice
         worker = self._workers.get(dispatch.worker_id)
         if worker is not None:
-            worker.batch_id = None
+            worker.in_flight.remove(batch_id)
+            if not worker.in_flight:
+                worker.busy_until = now
+        if execution_s is not None:
+            self.costs.observe(dispatch.tasks[0].node, len(dispatch.tasks), execution_s)
         events: list[Event] = []
         for task in dispatch.tasks:
             request = self._requests.get(task.request_id)
             if request is None or request.finished:
                 continue
             node = task.node
-            for name, handle in outputs.get(task.task_id, {}).items():
-                request.produced[Ref(node.id, name)] = handle
+            request.running.discard(node.id)
+            request.execution_s += execution_s or 0.0
+            if node.id not in request.done:
+                self._pending_s[node.model] -= self.costs.exec_s(node)
+            for name, tensor in outputs.get(task.task_id, {}).items():
+                request.produced[Ref(node.id, name)] = tensor
             request.done.add(node.id)
+            if request.replay and request.replay[0] == node.id:  # rebuilt state, outputs unchanged
+                request.replay.pop(0)
+                if request.replay:
+                    self._ready.add((request.request_id, request.replay[0]))
+                continue
             events.append(NodeFinished(request.request_id, node.id))
             if node.step:
                 events.append(StepProgress(request.request_id, node.step, node.total_steps))
@@ -295,8 +607,11 @@ class Scheduler:
                     self._ready.add((request.request_id, successor))
             if len(request.done) == len(request.graph.nodes):
                 request.finished = True
-                result = {name: request.produced[ref] for name, ref in request.graph.outputs.items()}
-                events.append(RequestDone(request.request_id, result, len(request.graph.nodes)))
+                self._free_worker(request)
+                result = {name: request.produced[ref].handle for name, ref in request.graph.outputs.items()}
+                events.append(
+                    RequestDone(request.request_id, result, len(request.graph.nodes), request.execution_s)
+                )
         return events
 
     def fail_batch(self, batch_id: str, message: str) -> list[Event]:
@@ -305,15 +620,48 @@ class Scheduler:
             return []
         worker = self._workers.get(dispatch.worker_id)
         if worker is not None:
-            worker.batch_id = None
+            worker.in_flight.remove(batch_id)
         events: list[Event] = []
         for request_id in dict.fromkeys(task.request_id for task in dispatch.tasks):
             request = self._requests.get(request_id)
             if request is not None and not request.finished:
-                events.append(self._fail(request, f"{dispatch.op}.{dispatch.mode} failed: {message}"))
+                events.append(
+                    self._fail(request, f"{dispatch.op}.{dispatch.mode} failed: {message}", "internal")
+                )
         return events
 
-    def _fail(self, request: _Request, message: str, retryable: bool = False) -> RequestFailed:
+    def _free_worker(self, request: _Request) -> None:
+        if request.worker in self._workers and self._workers[request.worker].serving == request.request_id:
+            self._workers[request.worker].serving = None
+
+    def _fail(self, request: _Request, message: str, code: FailureCode) -> RequestFailed:
         request.finished = True
+        for node in request.graph.nodes.values():
+            if node.id not in request.done:
+                self._pending_s[node.model] -= self.costs.exec_s(node)
+        self._free_worker(request)
         self._ready = {entry for entry in self._ready if entry[0] != request.request_id}
-        return RequestFailed(request.request_id, message, retryable)
+        return RequestFailed(request.request_id, message, code)
+
+
+def apportion(weights: dict[str, int], workers: list[str]) -> dict[str, list[str]]:
+    """Split workers among workflows in proportion to their weights (largest remainder, ≥ 1 each
+    while workers last); with more workflows than workers, workflows share workers round-robin."""
+    names = sorted(weights)
+    if not names or not workers:
+        return {}
+    if len(names) >= len(workers):
+        return {name: [workers[i % len(workers)]] for i, name in enumerate(names)}
+    total = sum(weights.values())
+    spare = len(workers) - len(names)
+    quotas = {name: spare * weights[name] / total for name in names}
+    counts = {name: 1 + math.floor(quotas[name]) for name in names}
+    leftovers = len(workers) - sum(counts.values())
+    for name in sorted(names, key=lambda n: quotas[n] - math.floor(quotas[n]), reverse=True)[:leftovers]:
+        counts[name] += 1
+    plan: dict[str, list[str]] = {}
+    position = 0
+    for name in names:
+        plan[name] = workers[position : position + counts[name]]
+        position += counts[name]
+    return plan

@@ -1,12 +1,18 @@
-"""The Coordinator gRPC servicer: a thin shell that feeds the pure Scheduler and carries out its
-decisions (dispatch batches down worker streams, publish progress, free tensors)."""
+"""The Coordinator gRPC servicer: a thin shell around the pure Scheduler.
+
+It campaigns for leadership in the cluster store (a standby answers UNAVAILABLE until it wins),
+turns RPCs and worker reports into scheduler calls, and carries out the scheduler's decisions:
+batches down worker streams (stamped with the leader's epoch), progress to watchers, tensors freed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
@@ -14,8 +20,9 @@ from lego import keys
 from lego.errors import InvalidRequest
 from lego.graph import instantiate
 from lego.grpc_server import RunningServer, channel, start_server
+from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.request_inputs import resolve_inputs
-from lego.store import ClusterStore, Registration, cancel_task
+from lego.store import ClusterStore, Leadership, cancel_task
 from lego.v1 import (
     common_pb2,
     compiler_pb2,
@@ -27,10 +34,33 @@ from lego.v1 import (
 from lego.values import Scalar, from_value, to_value
 
 from lego_coordinator import scheduler as core
+from lego_coordinator.costs import CostModel
 from lego_coordinator.request_log import RequestLog
 
 log = structlog.get_logger("lego.coordinator")
 LEADER_TTL_S = 5.0
+TICK_S = 0.05  # how often deadlines are checked when SLOs are enforced
+FAILURE_CODES = {
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "cancelled": grpc.StatusCode.CANCELLED,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+@dataclass
+class CoordinatorConfig:
+    policy: str = "lego"
+    enforce_slo: bool = False  # admission control and deadline drops
+    slo_factor: float = 2.0  # default SLO = slo_factor x standalone latency
+    profile_dir: Path | None = None
+    max_in_flight: int = 2  # batches queued on one worker (lego policy)
+
+
+def build_scheduler(config: CoordinatorConfig) -> core.Scheduler:
+    directory = config.profile_dir or default_profile_dir()
+    costs = CostModel(ProfileSet(directory), load_batch_sizes(directory))
+    return core.Scheduler(costs, config.policy, config.enforce_slo, config.slo_factor, config.max_in_flight)
 
 
 def _value(value: object) -> common_pb2.Value:
@@ -40,9 +70,9 @@ def _value(value: object) -> common_pb2.Value:
     return to_value(value)
 
 
-def _batch_message(dispatch: core.Dispatch) -> coordinator_pb2.CoordinatorMessage:
+def _batch_message(dispatch: core.Dispatch, epoch: int) -> coordinator_pb2.CoordinatorMessage:
     batch = coordinator_pb2.TaskBatch(
-        batch_id=dispatch.batch_id, op=dispatch.op, model=dispatch.model, mode=dispatch.mode
+        batch_id=dispatch.batch_id, op=dispatch.op, model=dispatch.model, mode=dispatch.mode, epoch=epoch
     )
     for source, scale in dispatch.patches:
         batch.patches.add(source=source, scale=scale)
@@ -71,28 +101,39 @@ def _event_message(event: core.Event) -> coordinator_pb2.RequestEvent:
             step=coordinator_pb2.StepProgress(step=event.step, total=event.total)
         )
     if isinstance(event, core.RequestDone):
-        done = coordinator_pb2.RequestDone(nodes_executed=event.nodes_executed)
+        done = coordinator_pb2.RequestDone(nodes_executed=event.nodes_executed, execution_s=event.execution_s)
         for name, handle in event.outputs.items():
             done.outputs[name].CopyFrom(_value(handle))
         return coordinator_pb2.RequestEvent(done=done)
-    code = grpc.StatusCode.UNAVAILABLE if event.retryable else grpc.StatusCode.INTERNAL
-    if event.message == "cancelled":
-        code = grpc.StatusCode.CANCELLED
+    code = FAILURE_CODES[event.code]
     return coordinator_pb2.RequestEvent(
         failed=coordinator_pb2.RequestFailed(code=code.value[0], message=event.message)
     )
 
 
+def _tensor(handle: common_pb2.TensorHandle) -> core.Tensor:
+    return core.Tensor(handle, handle.nbytes, handle.locations[0] if handle.locations else "")
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(
-        self, store: ClusterStore, max_batch: Callable[[str, str, str], int] = core.default_max_batch
-    ) -> None:
+    def __init__(self, store: ClusterStore, config: CoordinatorConfig) -> None:
         self.store = store
-        self.scheduler = core.Scheduler(max_batch)
+        self.config = config
+        self.scheduler = build_scheduler(config)
         self.logs: dict[str, RequestLog] = {}
+        self.epoch = 0  # 0 while standby
         self._outboxes: dict[str, asyncio.Queue[coordinator_pb2.CoordinatorMessage]] = {}
         self._worker_addresses: dict[str, str] = {}
         self._dataengines: dict[str, dataengine_pb2_grpc.DataEngineStub] = {}
+        self._streams: dict[str, asyncio.Task[object]] = {}
+
+    @property
+    def leading(self) -> bool:
+        return self.epoch > 0
+
+    async def _require_leader(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.leading:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator is a standby, not the leader")
 
     # ---- scheduling loop ----
 
@@ -102,11 +143,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             if request_log is not None:
                 request_log.append(_event_message(event))
 
-    def _pump(self) -> None:
-        dispatches, events = self.scheduler.schedule(time.monotonic())
-        self._publish(events)
-        for dispatch in dispatches:
-            self._outboxes[dispatch.worker_id].put_nowait(_batch_message(dispatch))
+    def pump(self) -> None:
+        if not self.leading:
+            return
+        decisions = self.scheduler.schedule(time.monotonic())
+        self._publish(decisions.events)
+        for dispatch in decisions.dispatches:
+            self._outboxes[dispatch.worker_id].put_nowait(_batch_message(dispatch, self.epoch))
+        for preload in decisions.preloads:
+            message = coordinator_pb2.CoordinatorMessage(
+                preload=coordinator_pb2.PreloadModel(model=preload.model)
+            )
+            self._outboxes[preload.worker_id].put_nowait(message)
 
     async def _workflow(self, name: str) -> compiler_pb2.WorkflowSpec:
         raw = await self.store.get(keys.workflow(name))
@@ -122,11 +170,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Submit(
         self, request: coordinator_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.SubmitReply:
+        await self._require_leader(context)
         request_id = request.request_id
         if not request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must not be empty")
         if request_id in self.logs:  # a resubmission (gateway retry): already accepted
             return coordinator_pb2.SubmitReply(request_id=request_id)
+        if request.slo_ms < 0 or request.slo_ms != request.slo_ms:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"slo_ms must be ≥ 0, got {request.slo_ms}")
         try:
             workflow = await self._workflow(request.workflow)
             given: dict[str, Scalar] = {}
@@ -138,11 +189,24 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             graph = instantiate(workflow, resolve_inputs(workflow, given))
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        now = time.monotonic()
+        admission = self.scheduler.admit(
+            request_id, request.workflow, graph, now, request.slo_ms / 1000 if request.slo_ms else None
+        )
+        if not admission.accepted:
+            log.info("request_rejected", request_id=request_id, reason=admission.reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request rejected: {admission.reason}")
         self.logs[request_id] = RequestLog(request_id)
-        self.scheduler.submit(request_id, graph, time.monotonic())
         log.info("request_admitted", request_id=request_id, workflow=request.workflow, nodes=len(graph.nodes))
-        self._pump()
-        return coordinator_pb2.SubmitReply(request_id=request_id, node_count=len(graph.nodes))
+        self.pump()
+        deadline = admission.deadline - now if admission.deadline != float("inf") else 0.0
+        return coordinator_pb2.SubmitReply(
+            request_id=request_id,
+            node_count=len(graph.nodes),
+            deadline_s=deadline,
+            estimate_s=admission.estimate_s,
+            standalone_s=admission.standalone_s,
+        )
 
     async def Watch(
         self, request: coordinator_pb2.WatchRequest, context: grpc.aio.ServicerContext
@@ -160,10 +224,24 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         await self.release(request.request_id)
         return common_pb2.Empty()
 
+    async def Cancel(
+        self, request: coordinator_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Empty:
+        if request.request_id not in self.logs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request {request.request_id!r}")
+        self._publish(self.scheduler.cancel(request.request_id))
+        await self._free(request.request_id)
+        self.pump()
+        return common_pb2.Empty()
+
     async def release(self, request_id: str) -> None:
         self._publish(self.scheduler.cancel(request_id))
         self.scheduler.release(request_id)
         self.logs.pop(request_id, None)
+        await self._free(request_id)
+        self.pump()
+
+    async def _free(self, request_id: str) -> None:
         message = coordinator_pb2.CoordinatorMessage(
             release=coordinator_pb2.ReleaseRequest(request_id=request_id)
         )
@@ -177,7 +255,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: common_pb2.Empty, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.ClusterStatusReply:
         reply = coordinator_pb2.ClusterStatusReply(
-            requests_in_flight=self.scheduler.in_flight_requests(), ready_tasks=self.scheduler.ready_count()
+            requests_in_flight=self.scheduler.in_flight_requests(),
+            ready_tasks=self.scheduler.ready_count(),
+            policy=self.config.policy,
+            epoch=self.epoch,
         )
         for worker_id, (busy, loaded) in sorted(self.scheduler.workers().items()):
             reply.workers.add(
@@ -193,6 +274,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def WorkerStream(  # type: ignore[override]  # reads and writes through the context
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
+        await self._require_leader(context)
         first = await context.read()
         if first is grpc.aio.EOF or first.WhichOneof("message") != "hello":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be a hello")
@@ -200,14 +282,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         worker_id = hello.worker_id
         outbox: asyncio.Queue[coordinator_pb2.CoordinatorMessage] = asyncio.Queue()
         self._outboxes[worker_id] = outbox
+        current = asyncio.current_task()
+        if current is not None:
+            self._streams[worker_id] = current
         self._worker_addresses[worker_id] = hello.address
         if hello.dataengine_address not in self._dataengines:
             self._dataengines[hello.dataengine_address] = dataengine_pb2_grpc.DataEngineStub(
                 channel(hello.dataengine_address)
             )
-        self.scheduler.add_worker(worker_id, list(hello.loaded_models))
-        log.info("worker_joined", worker_id=worker_id, address=hello.address)
-        self._pump()
+        self.scheduler.add_worker(worker_id, hello.dataengine_address, list(hello.loaded_models))
+        log.info("worker_joined", worker_id=worker_id, address=hello.address, backend=hello.backend)
+        self.pump()
         writer = asyncio.create_task(self._write_outbox(outbox, context))
         try:
             while True:
@@ -218,11 +303,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     self._on_result(worker_id, message.result)
         finally:
             await cancel_task(writer)
-            self._outboxes.pop(worker_id, None)
-            self._worker_addresses.pop(worker_id, None)
-            self._publish(self.scheduler.remove_worker(worker_id))
-            log.info("worker_left", worker_id=worker_id)
-            self._pump()
+            if self._outboxes.get(worker_id) is outbox:
+                del self._outboxes[worker_id]
+                self._streams.pop(worker_id, None)
+                self._worker_addresses.pop(worker_id, None)
+                self._publish(self.scheduler.remove_worker(worker_id))
+                log.info("worker_left", worker_id=worker_id)
+                self.pump()
 
     async def _write_outbox(
         self, outbox: asyncio.Queue[coordinator_pb2.CoordinatorMessage], context: grpc.aio.ServicerContext
@@ -241,40 +328,67 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             log.warning("batch_failed", batch_id=result.batch_id, error=result.error)
             events = self.scheduler.fail_batch(result.batch_id, result.error)
         else:
-            outputs = {r.task_id: dict(r.outputs.items()) for r in result.results}
-            events = self.scheduler.complete(result.batch_id, outputs, now)  # type: ignore[arg-type]
+            outputs = {r.task_id: {n: _tensor(h) for n, h in r.outputs.items()} for r in result.results}
+            events = self.scheduler.complete(result.batch_id, outputs, now, result.execution_s)
         self._publish(events)
-        self._pump()
+        self.pump()
+
+    # ---- leadership ----
+
+    async def lead(self, address: str) -> None:
+        """Campaign, lead until the lease is lost, then step down (fencing) and campaign again."""
+        while True:
+            leadership: Leadership = await self.store.campaign(
+                keys.COORDINATOR_LEADER, address.encode(), LEADER_TTL_S
+            )
+            self.scheduler = build_scheduler(self.config)
+            self.epoch = leadership.epoch
+            log.info("leader_elected", address=address, epoch=self.epoch)
+            ticker = asyncio.create_task(self._tick())
+            try:
+                await leadership.lost.wait()
+            finally:
+                await cancel_task(ticker)
+                self.epoch = 0
+                with contextlib.suppress(Exception):
+                    await leadership.resign()
+            log.warning("leadership_lost_stepping_down", address=address)
+            for stream in list(self._streams.values()):
+                stream.cancel()  # workers reconnect to whoever leads now
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            if self.config.enforce_slo:
+                self.pump()
 
 
 class CoordinatorService:
-    def __init__(
-        self, servicer: CoordinatorServicer, server: RunningServer, leadership: Registration
-    ) -> None:
+    def __init__(self, servicer: CoordinatorServicer, server: RunningServer) -> None:
         self.servicer = servicer
         self.server = server
         self.address = server.address
-        self._leadership = leadership
+        self._leading = asyncio.create_task(servicer.lead(server.address))
+
+    async def wait_until_leading(self, timeout_s: float = 30.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not self.servicer.leading:
+                await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._leadership.close()
+        await cancel_task(self._leading)  # resigns: a standby can take over at once
         await self.server.stop()
 
 
 async def serve(
-    store: ClusterStore,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    max_batch: Callable[[str, str, str], int] = core.default_max_batch,
+    store: ClusterStore, host: str = "127.0.0.1", port: int = 0, config: CoordinatorConfig | None = None
 ) -> CoordinatorService:
-    servicer = CoordinatorServicer(store, max_batch)
+    servicer = CoordinatorServicer(store, config or CoordinatorConfig())
     server = await start_server(
         lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, s),
         [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name],
         host,
         port,
     )
-    leadership = await store.register(keys.COORDINATOR_LEADER, server.address.encode(), LEADER_TTL_S)
-    log.info("coordinator_started", address=server.address)
-    return CoordinatorService(servicer, server, leadership)
+    log.info("coordinator_started", address=server.address, policy=servicer.config.policy)
+    return CoordinatorService(servicer, server)

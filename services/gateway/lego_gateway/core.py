@@ -43,6 +43,7 @@ class GenerateResult:
     height: int
     latency_s: float
     nodes_executed: int
+    execution_s: float
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -90,13 +91,13 @@ class GatewayCore:
         return reply
 
     async def generate(
-        self, workflow: str, inputs: dict[str, common_pb2.Value], request_id: str = ""
+        self, workflow: str, inputs: dict[str, common_pb2.Value], request_id: str = "", slo_ms: float = 0.0
     ) -> GenerateResult:
         request_id = request_id or uuid.uuid4().hex
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
-            done = await self._run_until_answered(workflow, inputs, request_id)
+            done = await self._run_until_answered(workflow, inputs, request_id, slo_ms)
             image_value = done.outputs.get("image")
             if image_value is None or image_value.WhichOneof("kind") != "tensor":
                 raise GatewayError(grpc.StatusCode.INTERNAL, "workflow produced no image output")
@@ -107,7 +108,13 @@ class GatewayCore:
             latency = time.perf_counter() - started
             log.info("request_answered", latency_s=round(latency, 4), nodes=done.nodes_executed)
             return GenerateResult(
-                request_id, png, int(image.shape[-2]), int(image.shape[-3]), latency, done.nodes_executed
+                request_id,
+                png,
+                int(image.shape[-2]),
+                int(image.shape[-3]),
+                latency,
+                done.nodes_executed,
+                done.execution_s,
             )
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
@@ -119,10 +126,12 @@ class GatewayCore:
             log.warning("release_failed", error=error.details())
 
     async def _run_until_answered(
-        self, workflow: str, inputs: dict[str, common_pb2.Value], request_id: str
+        self, workflow: str, inputs: dict[str, common_pb2.Value], request_id: str, slo_ms: float
     ) -> coordinator_pb2.RequestDone:
         """Submit and follow the request; if the coordinator goes away, resubmit it (same id)."""
-        submit = coordinator_pb2.SubmitRequest(request_id=request_id, workflow=workflow, inputs=inputs)
+        submit = coordinator_pb2.SubmitRequest(
+            request_id=request_id, workflow=workflow, inputs=inputs, slo_ms=slo_ms
+        )
         last_error = ""
         for _ in range(RESUBMIT_ATTEMPTS):
             coordinator = await self._coordinator()

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from lego_gateway.core import GatewayCore, GatewayError
 
 log = structlog.get_logger("lego.gateway")
+RETRY_AFTER_S = 1  # seconds a client should wait after a 429 (the cluster is at capacity)
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.NOT_FOUND: 404,
@@ -40,7 +41,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.GenerateReply:
         try:
             result = await self.core.generate(
-                request.workflow, dict(request.inputs.items()), request.request_id
+                request.workflow, dict(request.inputs.items()), request.request_id, request.slo_ms
             )
         except GatewayError as error:
             await context.abort(error.code, error.message)
@@ -51,6 +52,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             height=result.height,
             latency_s=result.latency_s,
             nodes_executed=result.nodes_executed,
+            execution_s=result.execution_s,
         )
 
     async def ListWorkflows(
@@ -63,6 +65,7 @@ class GenerateBody(BaseModel):
     workflow: str = Field(description="a registered workflow")
     inputs: dict[str, str | int | float | bool] = Field(default_factory=dict)
     request_id: str = ""
+    slo_ms: float = Field(default=0.0, ge=0, description="latency objective; 0: the workflow's default")
 
 
 def build_rest_app(core: GatewayCore) -> FastAPI:
@@ -80,11 +83,13 @@ def build_rest_app(core: GatewayCore) -> FastAPI:
     @app.post("/v1/generate", responses={200: {"content": {"image/png": {}}}})
     async def generate(body: GenerateBody) -> Response:
         try:
-            result = await core.generate(body.workflow, to_values(body.inputs), body.request_id)
+            result = await core.generate(body.workflow, to_values(body.inputs), body.request_id, body.slo_ms)
         except GatewayError as error:
+            exhausted = error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             return JSONResponse(
                 {"error": {"code": error.code.name, "message": error.message}},
                 status_code=HTTP_STATUS.get(error.code, 500),
+                headers={"Retry-After": str(RETRY_AFTER_S)} if exhausted else None,
             )
         headers = {"X-Request-Id": result.request_id, "X-Latency-S": f"{result.latency_s:.4f}"}
         return Response(result.png, media_type="image/png", headers=headers)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import psutil
 import structlog
 from lego import dataplane, keys
 from lego.grpc_server import RunningServer, channel, start_server
+from lego.profiles import ProfileSet, default_profile_dir
 from lego.store import ClusterStore, Registration, cancel_task, wait_for_key
 from lego.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from lego.values import from_value
@@ -28,7 +28,6 @@ from lego_worker.backend import Backend
 from lego_worker.cache import CacheFull
 from lego_worker.emulated_backend import EmulatedBackend
 from lego_worker.executor import Executor
-from lego_worker.profiles import ProfileSet, default_profile_dir
 from lego_worker.torch_backend import TorchBackend
 
 log = structlog.get_logger("lego.worker")
@@ -133,6 +132,8 @@ class WorkerAgent:
         self.executor = executor
         self.data = dataplane.DataPlane(dataengine_address)
         self.queue: asyncio.Queue[coordinator_pb2.TaskBatch] = asyncio.Queue()
+        self.epoch = 0  # the newest leader term seen; batches from older leaders are refused
+        self._preloads: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Serve the coordinator forever, reconnecting (to a new leader) when the stream breaks."""
@@ -171,12 +172,29 @@ class WorkerAgent:
                         self.queue.put_nowait(message.batch)
                     elif kind == "release":
                         self.executor.release(message.release.request_id)
+                    elif kind == "preload":
+                        task = asyncio.create_task(self._preload(message.preload.model))
+                        self._preloads.add(task)
+                        task.add_done_callback(self._preloads.discard)
             finally:
                 await cancel_task(runner)
+
+    async def _preload(self, model: str) -> None:
+        try:
+            await asyncio.to_thread(self.executor.load, model)
+        except Exception as error:  # noqa: BLE001 - a preload is a hint; the batch will load it anyway
+            log.warning("preload_failed", model=model, error=str(error))
 
     async def _run_queue(self, call: Any) -> None:
         while True:
             batch = await self.queue.get()
+            if batch.epoch < self.epoch:
+                stale = coordinator_pb2.BatchResult(
+                    batch_id=batch.batch_id, error=f"stale leader: epoch {batch.epoch} < {self.epoch}"
+                )
+                await call.write(coordinator_pb2.WorkerMessage(result=stale))
+                continue
+            self.epoch = batch.epoch
             result = await self._run_batch(batch)
             await call.write(coordinator_pb2.WorkerMessage(result=result))
 
@@ -197,11 +215,10 @@ class WorkerAgent:
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
             patches = tuple((p.source, p.scale) for p in batch.patches)
-            started = time.perf_counter()
             outputs = await asyncio.to_thread(
                 self.executor.run, batch.op, batch.model, batch.mode, items, patches
             )
-            result.execution_s = time.perf_counter() - started
+            result.execution_s = self.executor.last_execution_s
             for task, produced in zip(batch.tasks, outputs, strict=True):
                 task_result = result.results.add(task_id=task.task_id)
                 for name in task.outputs:

@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from lego.profiles import PROFILE_MODES, ProfileSet
 
 from lego_worker.backend import Item, Outputs, PatchSet
-from lego_worker.profiles import PROFILE_MODES, ProfileSet
 
 VAE_SCALE_FACTOR = 8  # every profiled family's VAE
 TEXT_TOKENS, TEXT_HIDDEN = 77, 768

@@ -37,6 +37,7 @@ class Executor:
         self.metrics = WorkerMetrics()
         self._events: list[ModelEvent] = []
         self._lock = threading.Lock()  # one device: one batch or model move at a time
+        self.last_execution_s = 0.0  # the last batch's forward pass, without any model load
 
     def drain_events(self) -> list[ModelEvent]:
         events, self._events = self._events, []
@@ -96,7 +97,8 @@ class Executor:
                 outputs = self.backend.run(op, model_id, mode, items, patches)
             finally:
                 self.cache.unpin(model_id)
-            self.metrics.busy_s += time.perf_counter() - started
+            self.last_execution_s = time.perf_counter() - started
+            self.metrics.busy_s += self.last_execution_s
             self.metrics.batches += 1
             self.metrics.batch_sizes[len(items)] += 1
             return outputs

@@ -1,5 +1,8 @@
-"""Per-model GPU profiles (the format of ../shared/profiles/h800/*.json) and which profile a model id
-uses. They drive the emulated backend's timing and memory, and the scheduler's cost estimates."""
+"""Per-model GPU profiles (the format of profiles/h800/*.json) and which profile a model id uses.
+
+They drive the emulated backend's timing and memory and the scheduler's cost estimates. Pure data:
+no torch, no I/O beyond reading the JSON files.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ from pathlib import Path
 PROFILE_MODES = {
     ("text_encoder", "encode"): "default",
     ("unet", "denoise"): "default",
+    ("unet", "denoise_controlled"): "default",
+    ("controlnet", "residuals"): "default",
     ("vae", "decode"): "decode_latents",
     ("vae", "encode"): "prepare_image",
     ("noise_scheduler", "init"): "init",
+    ("noise_scheduler", "init_from_image"): "init",
     ("noise_scheduler", "step"): "step",
     ("noise_scheduler", "cfg_step"): "step_classifier_free_guidance",
 }
@@ -130,4 +136,13 @@ def profile_name(model_id: str) -> str:
 
 def default_profile_dir() -> Path:
     """The H800 measurements committed under profiles/h800 at the root of the checkout."""
-    return Path(__file__).resolve().parents[3] / "profiles" / "h800"
+    return Path(__file__).resolve().parents[2] / "profiles" / "h800"
+
+
+def load_batch_sizes(directory: Path) -> dict[str, tuple[int, int]]:
+    """model_batch.json: profile name → (latency-mode, throughput-mode) batch size."""
+    path = directory / "model_batch.json"
+    if not path.exists():
+        return {}
+    table = json.loads(path.read_text())
+    return {name: (int(v["latency_mode"]), int(v["throughput_mode"])) for name, v in table.items()}

@@ -1,0 +1,110 @@
+"""The cost model the scheduler places and admits by (pure: no I/O, no clock).
+
+Execution time per (op, model, mode, batch size) starts from the measured GPU profiles and is then
+learned from what the workers report (an exponential moving average), so the estimates follow the
+real cluster (tiny models on CPUs included). Loads cost the profile's host → device time; moving a
+tensor between hosts costs its size over a bandwidth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from lego.graph import Ref, RequestGraph, TaskNode
+from lego.profiles import PROFILE_MODES, ProfileSet, profile_name
+
+UNKNOWN_EXEC_S = 0.01  # a model call with no profile and no measurement yet
+UNKNOWN_LOAD_S = 1.0
+REMOTE_BYTES_PER_S = 1e9  # the data engines' measured loopback pull rate is above this
+LEARNING_RATE = 0.3
+DEFAULT_BATCH = (4, 8)
+
+
+def _pixels(node: TaskNode) -> int:
+    height, width = node.inputs.get("height"), node.inputs.get("width")
+    if isinstance(height, int) and isinstance(width, int):
+        return height * width
+    return 0
+
+
+@dataclass
+class CostModel:
+    profiles: ProfileSet | None = None
+    batch_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # profile name → sizes
+    learned: dict[tuple[str, str, str, int], float] = field(default_factory=dict)
+
+    def _profile_name(self, model: str) -> str | None:
+        try:
+            return profile_name(model)
+        except KeyError:
+            return None
+
+    def exec_s(self, node: TaskNode, batch: int = 1) -> float:
+        key = (node.op, node.model, node.mode, batch)
+        if key in self.learned:
+            return self.learned[key]
+        name = self._profile_name(node.model)
+        mode = PROFILE_MODES.get((node.op, node.mode))
+        if self.profiles is not None and name is not None and mode is not None:
+            try:
+                return self.profiles.get(name).execution_s(mode, batch, _pixels(node))
+            except KeyError:
+                pass
+        single = self.learned.get((node.op, node.model, node.mode, 1))
+        return (single if single is not None else UNKNOWN_EXEC_S) * (1 + 0.1 * (batch - 1))
+
+    def observe(self, node: TaskNode, batch: int, seconds: float) -> None:
+        key = (node.op, node.model, node.mode, batch)
+        previous = self.learned.get(key)
+        self.learned[key] = seconds if previous is None else previous + LEARNING_RATE * (seconds - previous)
+
+    def load_s(self, model: str) -> float:
+        name = self._profile_name(model)
+        if self.profiles is not None and name is not None:
+            try:
+                return self.profiles.get(name).host_to_device_s
+            except KeyError:
+                pass
+        return UNKNOWN_LOAD_S
+
+    def batch_limits(self, node: TaskNode) -> tuple[int, int]:
+        """(latency-mode, throughput-mode) batch size for this node's model."""
+        name = self._profile_name(node.model)
+        return self.batch_sizes.get(name or "", DEFAULT_BATCH)
+
+    @staticmethod
+    def transfer_s(nbytes: int, same_host: bool) -> float:
+        return 0.0 if same_host else nbytes / REMOTE_BYTES_PER_S
+
+    def standalone_s(self, graph: RequestGraph) -> float:
+        """The request alone on one idle device: ready nodes with the same batch key run as one
+        batch (as a pipeline would batch its CFG branches), everything else one after another."""
+        remaining = {node_id: 0 for node_id in graph.nodes}
+        for node in graph.nodes.values():
+            remaining[node.id] = len({v.node for v in node.inputs.values() if isinstance(v, Ref)})
+        successors: dict[str, list[str]] = {node_id: [] for node_id in graph.nodes}
+        for node in graph.nodes.values():
+            for producer in {v.node for v in node.inputs.values() if isinstance(v, Ref)}:
+                successors[producer].append(node.id)
+        ready = [n for n, count in remaining.items() if count == 0]
+        total = 0.0
+        while ready:
+            first = graph.nodes[ready[0]]
+            batch = [ready[0]] + [n for n in ready[1:] if _same_batch(graph.nodes[n], first)]
+            total += self.exec_s(first, len(batch))
+            ready = [n for n in ready if n not in batch]
+            for done in batch:
+                for successor in successors[done]:
+                    remaining[successor] -= 1
+                    if remaining[successor] == 0:
+                        ready.append(successor)
+        return total
+
+    def work_s(self, nodes: Iterable[TaskNode]) -> float:
+        """Device-seconds of these nodes run one by one (an upper bound used for backlog)."""
+        return sum(self.exec_s(node) for node in nodes)
+
+
+def _same_batch(a: TaskNode, b: TaskNode) -> bool:
+    return (a.op, a.model, a.mode, a.patches) == (b.op, b.model, b.mode, b.patches) and not a.state_key
