@@ -27,7 +27,10 @@ class TensorChunk(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CONSUMERS_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
+    consumers: _builtins.int
+    """first chunk of a Put: reads before the tensor is freed (0 = freed explicitly)"""
     @_builtins.property
     def header(self) -> _common_pb2.TensorHandle:
         """set on the first chunk only"""
@@ -37,10 +40,11 @@ class TensorChunk(_message.Message):
         *,
         header: _common_pb2.TensorHandle | None = ...,
         data: _builtins.bytes = ...,
+        consumers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "data", b"data", "header", b"header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -51,6 +55,15 @@ class GetTensorRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDLE_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    requester: _builtins.str
+    """set by a data engine pulling a replica: freed with the original"""
+    offset: _builtins.int
+    """Get: only the bytes [offset, offset + length) (parallel pulls) ..."""
+    length: _builtins.int
+    """... 0 = to the end"""
     @_builtins.property
     def handle(self) -> _common_pb2.TensorHandle:
         """its locations say where to pull from when not held here"""
@@ -59,10 +72,13 @@ class GetTensorRequest(_message.Message):
         self,
         *,
         handle: _common_pb2.TensorHandle | None = ...,
+        requester: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "length", b"length", "offset", b"offset", "requester", b"requester"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -75,7 +91,7 @@ class FreeRequest(_message.Message):
     TENSOR_IDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """non-empty: free every tensor of this request"""
+    """non-empty: free every tensor (and part stream) of this request"""
     @_builtins.property
     def tensor_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -112,26 +128,222 @@ class FreeReply(_message.Message):
 Global___FreeReply: _TypeAlias = FreeReply  # noqa: Y015
 
 @_typing.final
+class ReleaseTensorsRequest(_message.Message):
+    """Reference-count GC: one consumer of each tensor has finished."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSOR_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tensor_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        tensor_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensor_ids", b"tensor_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseTensorsRequest: _TypeAlias = ReleaseTensorsRequest  # noqa: Y015
+
+@_typing.final
 class DataEngineStats(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENSORS_FIELD_NUMBER: _builtins.int
     BYTES_STORED_FIELD_NUMBER: _builtins.int
     BYTES_PULLED_FIELD_NUMBER: _builtins.int
+    ARENA_CAPACITY_FIELD_NUMBER: _builtins.int
+    ARENA_USED_FIELD_NUMBER: _builtins.int
+    ARENA_LARGEST_FREE_FIELD_NUMBER: _builtins.int
+    PART_STREAMS_FIELD_NUMBER: _builtins.int
     tensors: _builtins.int
     bytes_stored: _builtins.int
     bytes_pulled: _builtins.int
+    arena_capacity: _builtins.int
+    arena_used: _builtins.int
+    """allocator bytes in use, alignment included"""
+    arena_largest_free: _builtins.int
+    part_streams: _builtins.int
     def __init__(
         self,
         *,
         tensors: _builtins.int = ...,
         bytes_stored: _builtins.int = ...,
         bytes_pulled: _builtins.int = ...,
+        arena_capacity: _builtins.int = ...,
+        arena_used: _builtins.int = ...,
+        arena_largest_free: _builtins.int = ...,
+        part_streams: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_pulled", b"bytes_pulled", "bytes_stored", b"bytes_stored", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_capacity", b"arena_capacity", "arena_largest_free", b"arena_largest_free", "arena_used", b"arena_used", "bytes_pulled", b"bytes_pulled", "bytes_stored", b"bytes_stored", "part_streams", b"part_streams", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DataEngineStats: _TypeAlias = DataEngineStats  # noqa: Y015
+
+@_typing.final
+class ArenaInfo(_message.Message):
+    """The shared-memory arena, for clients on the same host."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """file to map (in /dev/shm)"""
+    size: _builtins.int
+    token: _builtins.bytes
+    """the segment's header carries it: proves the client mapped this engine's arena"""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "size", b"size", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArenaInfo: _TypeAlias = ArenaInfo  # noqa: Y015
+
+@_typing.final
+class AllocateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CONSUMERS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    consumers: _builtins.int
+    data: _builtins.bytes
+    """small tensors: the bytes themselves, written and committed in this call (no Commit)"""
+    @_builtins.property
+    def header(self) -> _common_pb2.TensorHandle: ...
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.TensorHandle | None = ...,
+        consumers: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumers", b"consumers", "data", b"data", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocateRequest: _TypeAlias = AllocateRequest  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    """Where a tensor's bytes are in the arena (offset from the start of the mapped file)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HANDLE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    @_builtins.property
+    def handle(self) -> _common_pb2.TensorHandle: ...
+    def __init__(
+        self,
+        *,
+        handle: _common_pb2.TensorHandle | None = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class CommitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSOR_ID_FIELD_NUMBER: _builtins.int
+    tensor_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tensor_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensor_id", b"tensor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitRequest: _TypeAlias = CommitRequest  # noqa: Y015
+
+@_typing.final
+class TensorPart(_message.Message):
+    """One part of a stream of partial outputs (a small tensor of its own)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    SHAPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """"<request>/<node>/<output>" """
+    index: _builtins.int
+    """0, 1, 2, ... in order"""
+    dtype: _builtins.str
+    data: _builtins.bytes
+    last: _builtins.bool
+    @_builtins.property
+    def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        shape: _abc.Iterable[_builtins.int] | None = ...,
+        data: _builtins.bytes = ...,
+        last: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "index", b"index", "last", b"last", "shape", b"shape", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorPart: _TypeAlias = TensorPart  # noqa: Y015
+
+@_typing.final
+class ReadPartsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    start: _builtins.int
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        start: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["start", b"start", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadPartsRequest: _TypeAlias = ReadPartsRequest  # noqa: Y015

@@ -45,6 +45,46 @@ class DataEngineStub:
                 request_serializer=lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_dataengine__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.Arena = channel.unary_unary(
+                '/lego.v1.DataEngine/Arena',
+                request_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_dataengine__pb2.ArenaInfo.FromString,
+                _registered_method=True)
+        self.Allocate = channel.unary_unary(
+                '/lego.v1.DataEngine/Allocate',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.AllocateRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_dataengine__pb2.Placement.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/lego.v1.DataEngine/Commit',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.CommitRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_common__pb2.TensorHandle.FromString,
+                _registered_method=True)
+        self.Locate = channel.unary_unary(
+                '/lego.v1.DataEngine/Locate',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_dataengine__pb2.Placement.FromString,
+                _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/lego.v1.DataEngine/Prefetch',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_common__pb2.Empty.FromString,
+                _registered_method=True)
+        self.PublishPart = channel.unary_unary(
+                '/lego.v1.DataEngine/PublishPart',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.TensorPart.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_common__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ReadParts = channel.unary_stream(
+                '/lego.v1.DataEngine/ReadParts',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.ReadPartsRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_dataengine__pb2.TensorPart.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/lego.v1.DataEngine/Release',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.ReleaseTensorsRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_dataengine__pb2.FreeReply.FromString,
+                _registered_method=True)
         self.Free = channel.unary_unary(
                 '/lego.v1.DataEngine/Free',
                 request_serializer=lego_dot_v1_dot_dataengine__pb2.FreeRequest.SerializeToString,
@@ -61,13 +101,67 @@ class DataEngineServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Put(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """gRPC path (remote clients, pulls between engines).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Arena(self, request, context):
+        """Shared-memory path (clients on this host): reserve a block, write it, commit; locate to read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Allocate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Locate(self, request, context):
+        """waits for lazy arrival, pulls if remote
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prefetch(self, request, context):
+        """Start pulling a remote tensor now, so that a later Get/Locate finds the replica here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishPart(self, request, context):
+        """Partial outputs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadParts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """GC.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -96,6 +190,46 @@ def add_DataEngineServicer_to_server(servicer, server):
                     servicer.Get,
                     request_deserializer=lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.FromString,
                     response_serializer=lego_dot_v1_dot_dataengine__pb2.TensorChunk.SerializeToString,
+            ),
+            'Arena': grpc.unary_unary_rpc_method_handler(
+                    servicer.Arena,
+                    request_deserializer=lego_dot_v1_dot_common__pb2.Empty.FromString,
+                    response_serializer=lego_dot_v1_dot_dataengine__pb2.ArenaInfo.SerializeToString,
+            ),
+            'Allocate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Allocate,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.AllocateRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_dataengine__pb2.Placement.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.CommitRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_common__pb2.TensorHandle.SerializeToString,
+            ),
+            'Locate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Locate,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_dataengine__pb2.Placement.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            ),
+            'PublishPart': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishPart,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.TensorPart.FromString,
+                    response_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            ),
+            'ReadParts': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadParts,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.ReadPartsRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_dataengine__pb2.TensorPart.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.ReleaseTensorsRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_dataengine__pb2.FreeReply.SerializeToString,
             ),
             'Free': grpc.unary_unary_rpc_method_handler(
                     servicer.Free,
@@ -162,6 +296,222 @@ class DataEngine:
             '/lego.v1.DataEngine/Get',
             lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.SerializeToString,
             lego_dot_v1_dot_dataengine__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Arena(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.DataEngine/Arena',
+            lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            lego_dot_v1_dot_dataengine__pb2.ArenaInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Allocate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.DataEngine/Allocate',
+            lego_dot_v1_dot_dataengine__pb2.AllocateRequest.SerializeToString,
+            lego_dot_v1_dot_dataengine__pb2.Placement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.DataEngine/Commit',
+            lego_dot_v1_dot_dataengine__pb2.CommitRequest.SerializeToString,
+            lego_dot_v1_dot_common__pb2.TensorHandle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Locate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.DataEngine/Locate',
+            lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.SerializeToString,
+            lego_dot_v1_dot_dataengine__pb2.Placement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.DataEngine/Prefetch',
+            lego_dot_v1_dot_dataengine__pb2.GetTensorRequest.SerializeToString,
+            lego_dot_v1_dot_common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishPart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.DataEngine/PublishPart',
+            lego_dot_v1_dot_dataengine__pb2.TensorPart.SerializeToString,
+            lego_dot_v1_dot_common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lego.v1.DataEngine/ReadParts',
+            lego_dot_v1_dot_dataengine__pb2.ReadPartsRequest.SerializeToString,
+            lego_dot_v1_dot_dataengine__pb2.TensorPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.DataEngine/Release',
+            lego_dot_v1_dot_dataengine__pb2.ReleaseTensorsRequest.SerializeToString,
+            lego_dot_v1_dot_dataengine__pb2.FreeReply.FromString,
             options,
             channel_credentials,
             insecure,

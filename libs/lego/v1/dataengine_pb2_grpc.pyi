@@ -33,7 +33,21 @@ class DataEngineStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DataEngineAsyncStub: ...
     Put: _grpc.StreamUnaryMultiCallable[_dataengine_pb2.TensorChunk, _common_pb2.TensorHandle]
+    """gRPC path (remote clients, pulls between engines)."""
     Get: _grpc.UnaryStreamMultiCallable[_dataengine_pb2.GetTensorRequest, _dataengine_pb2.TensorChunk]
+    Arena: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.ArenaInfo]
+    """Shared-memory path (clients on this host): reserve a block, write it, commit; locate to read."""
+    Allocate: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateRequest, _dataengine_pb2.Placement]
+    Commit: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.CommitRequest, _common_pb2.TensorHandle]
+    Locate: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _dataengine_pb2.Placement]
+    """waits for lazy arrival, pulls if remote"""
+    Prefetch: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _common_pb2.Empty]
+    """Start pulling a remote tensor now, so that a later Get/Locate finds the replica here."""
+    PublishPart: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.TensorPart, _common_pb2.Empty]
+    """Partial outputs."""
+    ReadParts: _grpc.UnaryStreamMultiCallable[_dataengine_pb2.ReadPartsRequest, _dataengine_pb2.TensorPart]
+    Release: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.ReleaseTensorsRequest, _dataengine_pb2.FreeReply]
+    """GC."""
     Free: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.FreeRequest, _dataengine_pb2.FreeReply]
     Stats: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.DataEngineStats]
 
@@ -41,7 +55,21 @@ class DataEngineStub:
 class DataEngineAsyncStub(DataEngineStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Put: _aio.StreamUnaryMultiCallable[_dataengine_pb2.TensorChunk, _common_pb2.TensorHandle]  # type: ignore[assignment]
+    """gRPC path (remote clients, pulls between engines)."""
     Get: _aio.UnaryStreamMultiCallable[_dataengine_pb2.GetTensorRequest, _dataengine_pb2.TensorChunk]  # type: ignore[assignment]
+    Arena: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.ArenaInfo]  # type: ignore[assignment]
+    """Shared-memory path (clients on this host): reserve a block, write it, commit; locate to read."""
+    Allocate: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateRequest, _dataengine_pb2.Placement]  # type: ignore[assignment]
+    Commit: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.CommitRequest, _common_pb2.TensorHandle]  # type: ignore[assignment]
+    Locate: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _dataengine_pb2.Placement]  # type: ignore[assignment]
+    """waits for lazy arrival, pulls if remote"""
+    Prefetch: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _common_pb2.Empty]  # type: ignore[assignment]
+    """Start pulling a remote tensor now, so that a later Get/Locate finds the replica here."""
+    PublishPart: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.TensorPart, _common_pb2.Empty]  # type: ignore[assignment]
+    """Partial outputs."""
+    ReadParts: _aio.UnaryStreamMultiCallable[_dataengine_pb2.ReadPartsRequest, _dataengine_pb2.TensorPart]  # type: ignore[assignment]
+    Release: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.ReleaseTensorsRequest, _dataengine_pb2.FreeReply]  # type: ignore[assignment]
+    """GC."""
     Free: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.FreeRequest, _dataengine_pb2.FreeReply]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.DataEngineStats]  # type: ignore[assignment]
 
@@ -51,7 +79,8 @@ class DataEngineServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_dataengine_pb2.TensorChunk],
         context: _ServicerContext,
-    ) -> _typing.Union[_common_pb2.TensorHandle, _abc.Awaitable[_common_pb2.TensorHandle]]: ...
+    ) -> _typing.Union[_common_pb2.TensorHandle, _abc.Awaitable[_common_pb2.TensorHandle]]:
+        """gRPC path (remote clients, pulls between engines)."""
 
     @_abc_1.abstractmethod
     def Get(
@@ -59,6 +88,67 @@ class DataEngineServicer(metaclass=_abc_1.ABCMeta):
         request: _dataengine_pb2.GetTensorRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_dataengine_pb2.TensorChunk], _abc.AsyncIterator[_dataengine_pb2.TensorChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def Arena(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataengine_pb2.ArenaInfo, _abc.Awaitable[_dataengine_pb2.ArenaInfo]]:
+        """Shared-memory path (clients on this host): reserve a block, write it, commit; locate to read."""
+
+    @_abc_1.abstractmethod
+    def Allocate(
+        self,
+        request: _dataengine_pb2.AllocateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataengine_pb2.Placement, _abc.Awaitable[_dataengine_pb2.Placement]]: ...
+
+    @_abc_1.abstractmethod
+    def Commit(
+        self,
+        request: _dataengine_pb2.CommitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.TensorHandle, _abc.Awaitable[_common_pb2.TensorHandle]]: ...
+
+    @_abc_1.abstractmethod
+    def Locate(
+        self,
+        request: _dataengine_pb2.GetTensorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataengine_pb2.Placement, _abc.Awaitable[_dataengine_pb2.Placement]]:
+        """waits for lazy arrival, pulls if remote"""
+
+    @_abc_1.abstractmethod
+    def Prefetch(
+        self,
+        request: _dataengine_pb2.GetTensorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.Empty, _abc.Awaitable[_common_pb2.Empty]]:
+        """Start pulling a remote tensor now, so that a later Get/Locate finds the replica here."""
+
+    @_abc_1.abstractmethod
+    def PublishPart(
+        self,
+        request: _dataengine_pb2.TensorPart,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.Empty, _abc.Awaitable[_common_pb2.Empty]]:
+        """Partial outputs."""
+
+    @_abc_1.abstractmethod
+    def ReadParts(
+        self,
+        request: _dataengine_pb2.ReadPartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dataengine_pb2.TensorPart], _abc.AsyncIterator[_dataengine_pb2.TensorPart]]: ...
+
+    @_abc_1.abstractmethod
+    def Release(
+        self,
+        request: _dataengine_pb2.ReleaseTensorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataengine_pb2.FreeReply, _abc.Awaitable[_dataengine_pb2.FreeReply]]:
+        """GC."""
 
     @_abc_1.abstractmethod
     def Free(
