@@ -27,7 +27,11 @@ from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 # `lego bench NAME`: each module has configure(parser) and run(args) -> exit code, and prints JSON.
-BENCHMARKS: dict[str, str] = {"worker": "lego_cli.bench_worker", "dataengine": "lego_cli.bench_dataengine"}
+BENCHMARKS: dict[str, str] = {
+    "worker": "lego_cli.bench_worker",
+    "dataengine": "lego_cli.bench_dataengine",
+    "overhead": "lego_cli.bench_overhead",
+}
 DEMO_PROMPT = "a red circle on a blue background"
 
 

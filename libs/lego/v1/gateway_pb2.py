@@ -26,7 +26,7 @@ from lego.v1 import common_pb2 as lego_dot_v1_dot_common__pb2
 from lego.v1 import compiler_pb2 as lego_dot_v1_dot_compiler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lego/v1/gateway.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\x1a\x16lego/v1/compiler.proto\"\xbc\x01\n\x0fGenerateRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x34\n\x06inputs\x18\x02 \x03(\x0b\x32$.lego.v1.GenerateRequest.InputsEntry\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06slo_ms\x18\x04 \x01(\x01\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\"\x8f\x01\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x12\x16\n\x0enodes_executed\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xecution_s\x18\x07 \x01(\x01\x32\x85\x01\n\x07Gateway\x12<\n\x08Generate\x12\x18.lego.v1.GenerateRequest\x1a\x16.lego.v1.GenerateReply\x12<\n\rListWorkflows\x12\x0e.lego.v1.Empty\x1a\x1b.lego.v1.ListWorkflowsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lego/v1/gateway.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\x1a\x16lego/v1/compiler.proto\"\xbc\x01\n\x0fGenerateRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x34\n\x06inputs\x18\x02 \x03(\x0b\x32$.lego.v1.GenerateRequest.InputsEntry\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06slo_ms\x18\x04 \x01(\x01\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\"\x9e\x01\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x12\x16\n\x0enodes_executed\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xecution_s\x18\x07 \x01(\x01\x12\r\n\x05slo_s\x18\x08 \x01(\x01\x32\x85\x01\n\x07Gateway\x12<\n\x08Generate\x12\x18.lego.v1.GenerateRequest\x1a\x16.lego.v1.GenerateReply\x12<\n\rListWorkflows\x12\x0e.lego.v1.Empty\x1a\x1b.lego.v1.ListWorkflowsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_INPUTSENTRY']._serialized_start=208
   _globals['_GENERATEREQUEST_INPUTSENTRY']._serialized_end=269
   _globals['_GENERATEREPLY']._serialized_start=272
-  _globals['_GENERATEREPLY']._serialized_end=415
-  _globals['_GATEWAY']._serialized_start=418
-  _globals['_GATEWAY']._serialized_end=551
+  _globals['_GENERATEREPLY']._serialized_end=430
+  _globals['_GATEWAY']._serialized_start=433
+  _globals['_GATEWAY']._serialized_end=566
 # @@protoc_insertion_point(module_scope)

@@ -82,6 +82,7 @@ class GenerateReply(_message.Message):
     LATENCY_S_FIELD_NUMBER: _builtins.int
     NODES_EXECUTED_FIELD_NUMBER: _builtins.int
     EXECUTION_S_FIELD_NUMBER: _builtins.int
+    SLO_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     png: _builtins.bytes
     width: _builtins.int
@@ -90,6 +91,8 @@ class GenerateReply(_message.Message):
     nodes_executed: _builtins.int
     execution_s: _builtins.float
     """seconds the request's batches ran on workers"""
+    slo_s: _builtins.float
+    """the latency objective it was admitted with; 0 when none is enforced"""
     def __init__(
         self,
         *,
@@ -100,10 +103,11 @@ class GenerateReply(_message.Message):
         latency_s: _builtins.float = ...,
         nodes_executed: _builtins.int = ...,
         execution_s: _builtins.float = ...,
+        slo_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "height", b"height", "latency_s", b"latency_s", "nodes_executed", b"nodes_executed", "png", b"png", "request_id", b"request_id", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "height", b"height", "latency_s", b"latency_s", "nodes_executed", b"nodes_executed", "png", b"png", "request_id", b"request_id", "slo_s", b"slo_s", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,6 +19,7 @@ UNKNOWN_LOAD_S = 1.0
 REMOTE_BYTES_PER_S = 1e9  # the data engines' measured loopback pull rate is above this
 LEARNING_RATE = 0.3
 DEFAULT_BATCH = (4, 8)
+INITIAL_OVERHEAD_S = 0.002  # per batch: dispatch, input fetch, output publish, report
 
 
 def _pixels(node: TaskNode) -> int:
@@ -33,6 +34,7 @@ class CostModel:
     profiles: ProfileSet | None = None
     batch_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # profile name → sizes
     learned: dict[tuple[str, str, str, int], float] = field(default_factory=dict)
+    overhead_s: float = INITIAL_OVERHEAD_S  # learned: a batch's turnaround minus its execution
 
     def _profile_name(self, model: str) -> str | None:
         try:
@@ -58,6 +60,9 @@ class CostModel:
         key = (node.op, node.model, node.mode, batch)
         previous = self.learned.get(key)
         self.learned[key] = seconds if previous is None else previous + LEARNING_RATE * (seconds - previous)
+
+    def observe_overhead(self, seconds: float) -> None:
+        self.overhead_s += LEARNING_RATE * (max(0.0, seconds) - self.overhead_s)
 
     def load_s(self, model: str) -> float:
         name = self._profile_name(model)
@@ -92,7 +97,7 @@ class CostModel:
         while ready:
             first = graph.nodes[ready[0]]
             batch = [ready[0]] + [n for n in ready[1:] if _same_batch(graph.nodes[n], first)]
-            total += self.exec_s(first, len(batch))
+            total += self.exec_s(first, len(batch)) + self.overhead_s
             ready = [n for n in ready if n not in batch]
             for done in batch:
                 for successor in successors[done]:
@@ -103,7 +108,7 @@ class CostModel:
 
     def work_s(self, nodes: Iterable[TaskNode]) -> float:
         """Device-seconds of these nodes run one by one (an upper bound used for backlog)."""
-        return sum(self.exec_s(node) for node in nodes)
+        return sum(self.exec_s(node) + self.overhead_s for node in nodes)
 
 
 def _same_batch(a: TaskNode, b: TaskNode) -> bool:

@@ -216,7 +216,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown request {request.request_id!r}")
             return
         async for event in request_log.follow():
-            yield event
+            if request.node_events or event.WhichOneof("event") not in ("node_started", "node_finished"):
+                yield event
 
     async def Release(
         self, request: coordinator_pb2.ReleaseRequest, context: grpc.aio.ServicerContext

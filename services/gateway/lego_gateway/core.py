@@ -6,7 +6,9 @@ import asyncio
 import io
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,7 +27,7 @@ from PIL import Image
 
 log = structlog.get_logger("lego.gateway")
 DISCOVERY_TIMEOUT_S = 30.0
-RESUBMIT_ATTEMPTS = 5
+RESUBMIT_WINDOW_S = 60.0  # how long a request is kept and resubmitted while no coordinator leads
 
 
 class GatewayError(Exception):
@@ -44,6 +46,7 @@ class GenerateResult:
     latency_s: float
     nodes_executed: int
     execution_s: float
+    slo_s: float = 0.0
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -58,6 +61,12 @@ class GatewayCore:
         self.store = store
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._data_planes: dict[str, dataplane.DataPlane] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _data(self, address: str) -> dataplane.DataPlane:
         if address not in self._data_planes:
@@ -97,15 +106,15 @@ class GatewayCore:
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
-            done = await self._run_until_answered(workflow, inputs, request_id, slo_ms)
+            done, slo_s = await self._run_until_answered(workflow, inputs, request_id, slo_ms)
             image_value = done.outputs.get("image")
             if image_value is None or image_value.WhichOneof("kind") != "tensor":
                 raise GatewayError(grpc.StatusCode.INTERNAL, "workflow produced no image output")
             handle = image_value.tensor
             image = await self._data(handle.locations[0]).get(handle)
             png = await asyncio.to_thread(encode_png, image)
-            await self._release(request_id)
             latency = time.perf_counter() - started
+            self._background(self._release(request_id))  # off the answer's path
             log.info("request_answered", latency_s=round(latency, 4), nodes=done.nodes_executed)
             return GenerateResult(
                 request_id,
@@ -115,32 +124,37 @@ class GatewayCore:
                 latency,
                 done.nodes_executed,
                 done.execution_s,
+                slo_s,
             )
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
 
     async def _release(self, request_id: str) -> None:
         try:
-            await (await self._coordinator()).Release(coordinator_pb2.ReleaseRequest(request_id=request_id))
+            await (await self._coordinator()).Release(
+                coordinator_pb2.ReleaseRequest(request_id=request_id), timeout=5
+            )
         except grpc.aio.AioRpcError as error:
             log.warning("release_failed", error=error.details())
 
     async def _run_until_answered(
         self, workflow: str, inputs: dict[str, common_pb2.Value], request_id: str, slo_ms: float
-    ) -> coordinator_pb2.RequestDone:
-        """Submit and follow the request; if the coordinator goes away, resubmit it (same id)."""
+    ) -> tuple[coordinator_pb2.RequestDone, float]:
+        """Submit and follow the request; if the coordinator goes away, resubmit it (same id).
+        Returns the outcome and the SLO (seconds) the coordinator admitted it with."""
         submit = coordinator_pb2.SubmitRequest(
             request_id=request_id, workflow=workflow, inputs=inputs, slo_ms=slo_ms
         )
         last_error = ""
-        for _ in range(RESUBMIT_ATTEMPTS):
+        give_up = time.monotonic() + RESUBMIT_WINDOW_S
+        while time.monotonic() < give_up:
             coordinator = await self._coordinator()
             try:
-                await coordinator.Submit(submit)
+                admitted = await coordinator.Submit(submit)
                 async for event in coordinator.Watch(coordinator_pb2.WatchRequest(request_id=request_id)):
                     kind = event.WhichOneof("event")
                     if kind == "done":
-                        return event.done
+                        return event.done, admitted.deadline_s
                     if kind == "failed":
                         code = grpc.StatusCode.INTERNAL
                         for candidate in grpc.StatusCode:

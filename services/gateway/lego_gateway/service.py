@@ -53,6 +53,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             latency_s=result.latency_s,
             nodes_executed=result.nodes_executed,
             execution_s=result.execution_s,
+            slo_s=result.slo_s,
         )
 
     async def ListWorkflows(

@@ -219,11 +219,15 @@ class WorkerAgent:
                 self.executor.run, batch.op, batch.model, batch.mode, items, patches
             )
             result.execution_s = self.executor.last_execution_s
-            for task, produced in zip(batch.tasks, outputs, strict=True):
-                task_result = result.results.add(task_id=task.task_id)
-                for name in task.outputs:
-                    handle = await self.data.put(f"{task.request_id}/{task.node_id}/{name}", produced[name])
-                    task_result.outputs[name].CopyFrom(handle)
+            published = [
+                (task, name, self.data.put(f"{task.request_id}/{task.node_id}/{name}", produced[name]))
+                for task, produced in zip(batch.tasks, outputs, strict=True)
+                for name in task.outputs
+            ]
+            handles = await asyncio.gather(*(put for _, _, put in published))
+            results = {task.task_id: result.results.add(task_id=task.task_id) for task in batch.tasks}
+            for (task, name, _), handle in zip(published, handles, strict=True):
+                results[task.task_id].outputs[name].CopyFrom(handle)
         except Exception as error:
             log.exception("batch_failed", op=batch.op, model=batch.model)
             del result.results[:]
