@@ -325,3 +325,19 @@ def test_shepherd_splits_workers_by_the_observed_mix() -> None:
 def test_unknown_policy_is_named() -> None:
     with pytest.raises(ValueError, match="policy must be one of"):
         Scheduler(policy="fastest")
+
+
+# ---- tensor GC ----
+
+
+def test_tensors_are_dead_once_their_last_reader_finishes_but_outputs_and_replay_inputs_stay() -> None:
+    scheduler = make(workers=1)
+    scheduler.admit("r", "wf", graph(steps=2), 0.0)
+    drain(scheduler)
+    dead = set(scheduler.take_dead_tensors())
+    assert "h:r/text_encoder_0/embeddings" in dead  # read by every UNet call, then gone
+    assert "h:r/denoise_loop_2/init/model_input" in dead
+    assert "h:r/denoise_loop_2/step2/scheduler/latents" in dead  # read by the VAE only
+    assert "h:r/vae_3/image" not in dead  # a workflow output: freed when the client has it
+    assert "h:r/denoise_loop_2/step0/cond/noise_pred" not in dead  # kept to rebuild scheduler state
+    assert scheduler.take_dead_tensors() == []

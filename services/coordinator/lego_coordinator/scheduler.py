@@ -150,9 +150,19 @@ class _Request:
     execution_s: float = 0.0
     order: dict[str, int] = field(default_factory=dict)
     work_ratio: float = 1.0  # standalone time ÷ one-by-one work: what batching saves
+    readers: dict[Ref, int] = field(default_factory=dict)  # consumers still to read each tensor
+    kept: set[Ref] = field(default_factory=set)  # freed only with the request (outputs, replay inputs)
 
     def __post_init__(self) -> None:
         self.order = {node_id: index for index, node_id in enumerate(self.graph.nodes)}
+        self.readers = dict(self.graph.consumers)
+        self.kept = set(self.graph.outputs.values()) | {
+            value
+            for node in self.graph.nodes.values()
+            if node.state_key
+            for value in node.inputs.values()
+            if isinstance(value, Ref)
+        }
 
 
 @dataclass
@@ -205,6 +215,7 @@ class Scheduler:
         self._plan: dict[str, list[str]] = {}  # workflow → workers (static, shepherd)
         self._planned_at = -math.inf
         self._pending_s: defaultdict[str, float] = defaultdict(float)  # model → seconds of work not done yet
+        self._dead: list[object] = []  # handles of tensors no node will read again
 
     # ---- membership ----
 
@@ -260,6 +271,7 @@ class Scheduler:
         self._ready.add((request.request_id, request.replay[0]))
 
     def _restart(self, request: _Request) -> None:
+        request.readers = dict(request.graph.consumers)
         for node_id in request.done:
             node = request.graph.nodes[node_id]
             self._pending_s[node.model] += self.costs.exec_s(node)
@@ -612,6 +624,7 @@ class Scheduler:
                     self._ready.add((request.request_id, request.replay[0]))
                 continue
             events.append(NodeFinished(request.request_id, node.id))
+            self._collect_garbage(request, node)
             if node.step:
                 events.append(StepProgress(request.request_id, node.step, node.total_steps))
             for successor in request.successors[node.id]:
@@ -626,6 +639,18 @@ class Scheduler:
                     RequestDone(request.request_id, result, len(request.graph.nodes), request.execution_s)
                 )
         return events
+
+    def _collect_garbage(self, request: _Request, node: TaskNode) -> None:
+        for value in node.inputs.values():
+            if isinstance(value, Ref) and value in request.readers:
+                request.readers[value] -= 1
+                if request.readers[value] == 0 and value not in request.kept:
+                    self._dead.append(request.produced[value].handle)
+
+    def take_dead_tensors(self) -> list[object]:
+        """Tensors whose last consumer has finished: the shell frees them on the data engines."""
+        dead, self._dead = self._dead, []
+        return dead
 
     def fail_batch(self, batch_id: str, message: str) -> list[Event]:
         dispatch = self._in_flight.pop(batch_id, None)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
@@ -126,6 +127,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._worker_addresses: dict[str, str] = {}
         self._dataengines: dict[str, dataengine_pb2_grpc.DataEngineStub] = {}
         self._streams: dict[str, asyncio.Task[object]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def leading(self) -> bool:
@@ -333,6 +335,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             events = self.scheduler.complete(result.batch_id, outputs, now, result.execution_s)
         self._publish(events)
         self.pump()
+        dead = [
+            h.tensor_id for h in self.scheduler.take_dead_tensors() if isinstance(h, common_pb2.TensorHandle)
+        ]
+        if dead:
+            self._background(self._free_tensors(dead))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _free_tensors(self, tensor_ids: list[str]) -> None:
+        """Free tensors no node will read again, with every replica (each engine drops its own)."""
+        for stub in list(self._dataengines.values()):
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.Free(dataengine_pb2.FreeRequest(tensor_ids=tensor_ids), timeout=5)
 
     # ---- leadership ----
 

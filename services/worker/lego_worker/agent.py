@@ -215,9 +215,7 @@ class WorkerAgent:
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
             patches = tuple((p.source, p.scale) for p in batch.patches)
-            outputs = await asyncio.to_thread(
-                self.executor.run, batch.op, batch.model, batch.mode, items, patches
-            )
+            outputs = await self.executor.run_async(batch.op, batch.model, batch.mode, items, patches)
             result.execution_s = self.executor.last_execution_s
             published = [
                 (task, name, self.data.put(f"{task.request_id}/{task.node_id}/{name}", produced[name]))

@@ -3,6 +3,7 @@ budget), pins it while it runs, and keeps the worker's metrics and model events.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 from lego_worker.backend import Backend, Item, Outputs, PatchSet
 from lego_worker.cache import DeviceCache
+from lego_worker.emulated_backend import EmulatedBackend
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,31 @@ class Executor:
             self.metrics.batches += 1
             self.metrics.batch_sizes[len(items)] += 1
             return outputs
+
+    async def run_async(
+        self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet = ()
+    ) -> list[Outputs]:
+        """`run` from an event loop: real backends compute on a thread; the emulated one waits on
+        the loop itself (a thread hop per batch would cost more than many emulated calls take)."""
+        if not isinstance(self.backend, EmulatedBackend):
+            return await asyncio.to_thread(self.run, op, model_id, mode, items, patches)
+        if model_id not in self.cache:
+            await asyncio.to_thread(self.load, model_id)
+        with self._lock:
+            self.cache.touch(model_id)
+            self.cache.pin(model_id)
+        try:
+            seconds, outputs = self.backend.plan(op, model_id, mode, items)
+            started = time.perf_counter()
+            await asyncio.sleep(seconds)
+            self.last_execution_s = time.perf_counter() - started
+        finally:
+            with self._lock:
+                self.cache.unpin(model_id)
+        self.metrics.busy_s += self.last_execution_s
+        self.metrics.batches += 1
+        self.metrics.batch_sizes[len(items)] += 1
+        return outputs
 
     def release(self, request_id: str) -> None:
         self.backend.release(request_id)
