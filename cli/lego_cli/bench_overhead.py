@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from lego.v1 import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from lego.values import to_values
 from lego_worker.agent import WorkerConfig
 
-from lego_cli.cluster import EmbeddedCluster
+from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 COMPONENTS = ("text_encoder", "unet", "vae", "scheduler")
+Samples = tuple[list[float], list[float], int]  # overheads, latencies, nodes per request
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--store",
+        default="memory",
+        help="memory: every service in this process; etcd://HOST:PORT: one process each",
+    )
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -37,30 +44,54 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
+async def _warm(worker_addresses: list[str]) -> None:
+    for address in worker_addresses:
+        async with channel(address) as chan:
+            stub = worker_pb2_grpc.WorkerStub(chan)
+            for component in COMPONENTS:
+                await stub.LoadModel(worker_pb2.ModelRequest(model=f"tiny-sd15:{component}"))
+
+
+async def _requests(gateway_address: str, args: argparse.Namespace) -> Samples:
+    overheads, latencies, nodes = [], [], 0
+    async with channel(gateway_address) as chan:
+        gateway = gateway_pb2_grpc.GatewayStub(chan)
+        for index in range(args.requests + 1):
+            inputs = to_values({"prompt": f"request {index}", "steps": args.steps, "guidance_scale": 7.5})
+            reply = await gateway.Generate(
+                gateway_pb2.GenerateRequest(workflow=TINY_SD15_TXT2IMG, inputs=inputs)
+            )
+            if index == 0:
+                continue  # warm-up: connections, caches
+            latencies.append(reply.latency_s)
+            overheads.append(reply.latency_s - reply.execution_s)
+            nodes = reply.nodes_executed
+    return overheads, latencies, nodes
+
+
+async def _embedded(args: argparse.Namespace) -> Samples:
     config = WorkerConfig(backend="emulated", time_scale=1.0)
     async with EmbeddedCluster(workers=args.workers, worker=config) as cluster:
-        for service in cluster.services:
-            if type(service).__name__ == "WorkerService":
-                async with channel(service.address) as chan:
-                    for component in COMPONENTS:
-                        await worker_pb2_grpc.WorkerStub(chan).LoadModel(
-                            worker_pb2.ModelRequest(model=f"tiny-sd15:{component}")
-                        )
-        overheads, latencies, nodes = [], [], 0
-        async with channel(cluster.gateway_address) as chan:
-            gateway = gateway_pb2_grpc.GatewayStub(chan)
-            for index in range(args.requests + 1):
-                inputs = to_values({"prompt": f"request {index}", "steps": args.steps, "guidance_scale": 7.5})
-                reply = await gateway.Generate(
-                    gateway_pb2.GenerateRequest(workflow=TINY_SD15_TXT2IMG, inputs=inputs)
-                )
-                if index == 0:
-                    continue  # warm-up: connections, caches
-                latencies.append(reply.latency_s)
-                overheads.append(reply.latency_s - reply.execution_s)
-                nodes = reply.nodes_executed
+        await _warm([s.address for s in cluster.services if type(s).__name__ == "WorkerService"])
+        return await _requests(cluster.gateway_address, args)
+
+
+def _processes(args: argparse.Namespace) -> Samples:
+    worker_args = ("--backend", "emulated", "--time-scale", "1")
+    with open(os.devnull, "wb") as quiet:
+        cluster = ProcessCluster(args.store, args.workers, log_file=quiet, worker_args=worker_args)
+        cluster.start()
+        try:
+            asyncio.run(_warm([p.address for p in cluster.processes if p.name.startswith("worker")]))
+            return asyncio.run(_requests(cluster.gateway_address, args))
+        finally:
+            cluster.stop()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    overheads, latencies, nodes = asyncio.run(_embedded(args)) if args.store == "memory" else _processes(args)
     return {
+        "store": args.store,
         "requests": args.requests,
         "tasks_per_request": nodes,
         "overhead_p50_ms": round(1000 * statistics.median(overheads), 2),
@@ -73,7 +104,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    figures = asyncio.run(measure(args))
+    figures = measure(args)
     text = json.dumps(figures, indent=2)
     print(text)
     if args.json is not None:

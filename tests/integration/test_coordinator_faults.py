@@ -86,7 +86,7 @@ def test_the_standby_takes_over_when_the_leader_is_killed(etcd: EtcdProcess, tmp
         with GatewayClient(cluster.gateway_address, timeout_s=60) as client:
             fresh = client.generate(TINY_SD15_TXT2IMG, {"prompt": "new leader", "steps": 2})
         served_after = time.monotonic() - killed_at
-        assert fresh.png and served_after < 10.0 + 5.0  # takeover (lease ≤ 5 s) + a tiny request
+        assert fresh.png and served_after < 10.0  # the lease (5 s) expires, the standby wins, serves
         reply = request.wait(120)  # the gateway resubmitted it to the new leader
         assert reply.nodes_executed == 3 * 121 + 4
     finally:
