@@ -3,6 +3,7 @@ streams otherwise (and between hosts)."""
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 from collections.abc import AsyncIterator, Iterator
 
@@ -108,6 +109,28 @@ class DataPlane:
             dataengine_pb2.CommitRequest(tensor_id=tensor_id)
         )
         return handle
+
+    async def put_many(self, outputs: list[tuple[str, np.ndarray]]) -> list[common_pb2.TensorHandle]:
+        """Publish several tensors (a batch's outputs): the small ones in one call, the rest each alone."""
+        arena = await self.arena()
+        small = [
+            i
+            for i, (_, array) in enumerate(outputs)
+            if arena is not None and 0 < array.nbytes <= INLINE_BYTES
+        ]
+        handles: dict[int, common_pb2.TensorHandle] = {}
+        if small:
+            request = dataengine_pb2.AllocateManyRequest()
+            for index in small:
+                tensor_id, array = outputs[index]
+                request.tensors.add(
+                    header=tensors.make_handle(tensor_id, array), data=tensors.to_bytes(array)
+                )
+            placed: dataengine_pb2.Placements = await self._stub.AllocateMany(request)
+            handles.update(zip(small, (p.handle for p in placed.placements), strict=True))
+        rest = [i for i in range(len(outputs)) if i not in handles]
+        handles.update(zip(rest, await asyncio.gather(*(self.put(*outputs[i]) for i in rest)), strict=True))
+        return [handles[i] for i in range(len(outputs))]
 
     async def get(self, handle: common_pb2.TensorHandle) -> np.ndarray:
         """The tensor, waiting for it if it has not been published yet (lazy arrival)."""

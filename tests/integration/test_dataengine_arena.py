@@ -160,3 +160,20 @@ async def test_arena_usage_returns_to_its_baseline_after_1000_requests(
         after = await stats(plane)
         assert (after.arena_used, after.tensors) == (baseline, 0)
         assert after.arena_largest_free == after.arena_capacity  # no fragmentation left behind
+
+
+async def test_put_many_publishes_a_batch_of_outputs_in_order() -> None:
+    engine = await serve(None)
+    try:
+        plane = DataPlane(engine.address)
+        outputs = [
+            ("r/n/small", np.arange(16, dtype=np.float32)),
+            ("r/n/large", np.ones((1024, 1024), dtype=np.float32)),  # 4 MiB: its own put
+            ("r/n/scalar", np.array(7, dtype=np.int64)),
+        ]
+        handles = await plane.put_many(outputs)
+        assert [h.tensor_id for h in handles] == [name for name, _ in outputs]
+        for handle, (_, array) in zip(handles, outputs, strict=True):
+            assert np.array_equal(await plane.get(handle), array)
+    finally:
+        await engine.stop()

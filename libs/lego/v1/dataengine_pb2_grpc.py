@@ -55,6 +55,11 @@ class DataEngineStub:
                 request_serializer=lego_dot_v1_dot_dataengine__pb2.AllocateRequest.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_dataengine__pb2.Placement.FromString,
                 _registered_method=True)
+        self.AllocateMany = channel.unary_unary(
+                '/lego.v1.DataEngine/AllocateMany',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.AllocateManyRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_dataengine__pb2.Placements.FromString,
+                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/lego.v1.DataEngine/Commit',
                 request_serializer=lego_dot_v1_dot_dataengine__pb2.CommitRequest.SerializeToString,
@@ -121,6 +126,12 @@ class DataEngineServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Allocate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllocateMany(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -200,6 +211,11 @@ def add_DataEngineServicer_to_server(servicer, server):
                     servicer.Allocate,
                     request_deserializer=lego_dot_v1_dot_dataengine__pb2.AllocateRequest.FromString,
                     response_serializer=lego_dot_v1_dot_dataengine__pb2.Placement.SerializeToString,
+            ),
+            'AllocateMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocateMany,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.AllocateManyRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_dataengine__pb2.Placements.SerializeToString,
             ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
@@ -350,6 +366,33 @@ class DataEngine:
             '/lego.v1.DataEngine/Allocate',
             lego_dot_v1_dot_dataengine__pb2.AllocateRequest.SerializeToString,
             lego_dot_v1_dot_dataengine__pb2.Placement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocateMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.DataEngine/AllocateMany',
+            lego_dot_v1_dot_dataengine__pb2.AllocateManyRequest.SerializeToString,
+            lego_dot_v1_dot_dataengine__pb2.Placements.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,7 @@ class DataEngineStub:
     Arena: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.ArenaInfo]
     """Shared-memory path (clients on this host): reserve a block, write it, commit; locate to read."""
     Allocate: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateRequest, _dataengine_pb2.Placement]
+    AllocateMany: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateManyRequest, _dataengine_pb2.Placements]
     Commit: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.CommitRequest, _common_pb2.TensorHandle]
     Locate: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _dataengine_pb2.Placement]
     """waits for lazy arrival, pulls if remote"""
@@ -60,6 +61,7 @@ class DataEngineAsyncStub(DataEngineStub):
     Arena: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.ArenaInfo]  # type: ignore[assignment]
     """Shared-memory path (clients on this host): reserve a block, write it, commit; locate to read."""
     Allocate: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateRequest, _dataengine_pb2.Placement]  # type: ignore[assignment]
+    AllocateMany: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateManyRequest, _dataengine_pb2.Placements]  # type: ignore[assignment]
     Commit: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.CommitRequest, _common_pb2.TensorHandle]  # type: ignore[assignment]
     Locate: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _dataengine_pb2.Placement]  # type: ignore[assignment]
     """waits for lazy arrival, pulls if remote"""
@@ -103,6 +105,13 @@ class DataEngineServicer(metaclass=_abc_1.ABCMeta):
         request: _dataengine_pb2.AllocateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dataengine_pb2.Placement, _abc.Awaitable[_dataengine_pb2.Placement]]: ...
+
+    @_abc_1.abstractmethod
+    def AllocateMany(
+        self,
+        request: _dataengine_pb2.AllocateManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataengine_pb2.Placements, _abc.Awaitable[_dataengine_pb2.Placements]]: ...
 
     @_abc_1.abstractmethod
     def Commit(

@@ -258,6 +258,12 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
             await self._commit_or_abort(entry.handle.tensor_id, context)
         return dataengine_pb2.Placement(handle=entry.handle, offset=arena_layout.DATA_START + entry.offset)
 
+    async def AllocateMany(
+        self, request: dataengine_pb2.AllocateManyRequest, context: grpc.aio.ServicerContext
+    ) -> dataengine_pb2.Placements:
+        placements = [await self.Allocate(tensor, context) for tensor in request.tensors]
+        return dataengine_pb2.Placements(placements=placements)
+
     async def Commit(
         self, request: dataengine_pb2.CommitRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.TensorHandle:

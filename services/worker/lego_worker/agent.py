@@ -218,13 +218,13 @@ class WorkerAgent:
             outputs = await self.executor.run_async(batch.op, batch.model, batch.mode, items, patches)
             result.execution_s = self.executor.last_execution_s
             published = [
-                (task, name, self.data.put(f"{task.request_id}/{task.node_id}/{name}", produced[name]))
+                (task, name, f"{task.request_id}/{task.node_id}/{name}", produced[name])
                 for task, produced in zip(batch.tasks, outputs, strict=True)
                 for name in task.outputs
             ]
-            handles = await asyncio.gather(*(put for _, _, put in published))
+            handles = await self.data.put_many([(tensor_id, array) for _, _, tensor_id, array in published])
             results = {task.task_id: result.results.add(task_id=task.task_id) for task in batch.tasks}
-            for (task, name, _), handle in zip(published, handles, strict=True):
+            for (task, name, _, _), handle in zip(published, handles, strict=True):
                 results[task.task_id].outputs[name].CopyFrom(handle)
         except Exception as error:
             log.exception("batch_failed", op=batch.op, model=batch.model)
