@@ -1,5 +1,5 @@
 import pytest
-from lego_worker.cache import CacheFull, DeviceCache
+from lego.device_cache import CacheFull, DeviceCache
 
 
 def test_evicts_least_recently_used_idle_models_until_the_new_one_fits() -> None:

@@ -4,8 +4,8 @@ import time
 
 import numpy as np
 import pytest
+from lego.device_cache import CacheFull
 from lego.profiles import ProfileSet, default_profile_dir
-from lego_worker.cache import CacheFull
 from lego_worker.emulated_backend import EmulatedBackend
 from lego_worker.executor import Executor
 

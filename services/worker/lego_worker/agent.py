@@ -18,6 +18,7 @@ import grpc
 import psutil
 import structlog
 from lego import dataplane, keys
+from lego.device_cache import CacheFull
 from lego.grpc_server import RunningServer, channel, start_server
 from lego.profiles import ProfileSet, default_profile_dir
 from lego.store import ClusterStore, Registration, cancel_task, wait_for_key
@@ -25,7 +26,6 @@ from lego.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb
 from lego.values import from_value
 
 from lego_worker.backend import Backend
-from lego_worker.cache import CacheFull
 from lego_worker.emulated_backend import EmulatedBackend
 from lego_worker.executor import Executor
 from lego_worker.torch_backend import TorchBackend

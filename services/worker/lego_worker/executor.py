@@ -9,8 +9,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lego.device_cache import DeviceCache
+
 from lego_worker.backend import Backend, Item, Outputs, PatchSet
-from lego_worker.cache import DeviceCache
 from lego_worker.emulated_backend import EmulatedBackend
 
 

@@ -1,0 +1,263 @@
+"""A discrete-event simulator that drives the same Scheduler as the coordinator, in simulated time.
+
+Workers are modelled from the measured profiles, as the emulated backend models them: a batch takes
+the profiled execution time; a model that is not resident first costs its load time (disk → host the
+first time on a worker, then host → device) and evicts least-recently-used idle models under the
+device memory budget. The scheduler's decisions are taken exactly as in the live coordinator; only
+the clock and the workers are simulated. Pure: no I/O, no wall clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from lego.device_cache import DeviceCache
+from lego.graph import instantiate
+from lego.profiles import ProfileSet, profile_name
+from lego.request_inputs import resolve_inputs
+from lego.v1 import compiler_pb2
+from lego.values import Scalar
+
+from lego_coordinator import scheduler as core
+from lego_coordinator.costs import CostModel
+
+DEVICE_BYTES = 80 * 10**9
+UNKNOWN_MODEL_BYTES = 10**9
+
+
+@dataclass(frozen=True)
+class Arrival:
+    time_s: float
+    workflow: str
+    inputs: dict[str, Scalar]
+    slo_s: float | None = None
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request_id: str
+    arrival: Arrival
+
+
+@dataclass(frozen=True)
+class _Done:
+    batch_id: str
+    execution_s: float
+
+
+@dataclass
+class _SimWorker:
+    worker_id: str
+    cache: DeviceCache
+    host_models: set[str] = field(default_factory=set)
+    free_at: float = 0.0
+    busy_s: float = 0.0
+    loads: int = 0
+
+
+@dataclass
+class _Outcome:
+    workflow: str
+    arrival: float
+    slo_s: float = math.inf
+    latency_s: float | None = None
+    failure: str = ""  # "rejected", "deadline", ...
+
+
+@dataclass
+class SimulationResult:
+    outcomes: dict[str, _Outcome]
+    gpu_seconds: float
+    model_loads: int
+    end_s: float
+
+    def summary(self) -> dict[str, object]:
+        return _summary(list(self.outcomes.values())) | {
+            "gpu_seconds": round(self.gpu_seconds, 3),
+            "model_loads": self.model_loads,
+            "simulated_s": round(self.end_s, 3),
+            "per_workflow": {
+                name: _summary([o for o in self.outcomes.values() if o.workflow == name])
+                for name in sorted({o.workflow for o in self.outcomes.values()})
+            },
+        }
+
+
+def _summary(outcomes: list[_Outcome]) -> dict[str, object]:
+    latencies = sorted(o.latency_s for o in outcomes if o.latency_s is not None)
+    within = sum(1 for o in outcomes if o.latency_s is not None and o.latency_s <= o.slo_s)
+
+    def pct(fraction: float) -> float | None:
+        if not latencies:
+            return None
+        return round(latencies[min(len(latencies) - 1, math.ceil(fraction * len(latencies)) - 1)], 4)
+
+    return {
+        "requests": len(outcomes),
+        "completed": len(latencies),
+        "slo_attainment": round(within / len(outcomes), 4) if outcomes else None,
+        "rejected": sum(1 for o in outcomes if o.failure == "rejected"),
+        "dropped": sum(1 for o in outcomes if o.failure == "deadline"),
+        "p50_s": round(statistics.median(latencies), 4) if latencies else None,
+        "p90_s": pct(0.9),
+        "p99_s": pct(0.99),
+    }
+
+
+class Simulator:
+    def __init__(
+        self,
+        workflows: dict[str, compiler_pb2.WorkflowSpec],
+        gpus: int,
+        profiles: ProfileSet,
+        policy: str = "lego",
+        batch_sizes: dict[str, tuple[int, int]] | None = None,
+        slo_factor: float = 2.0,
+        device_bytes: int = DEVICE_BYTES,
+        overhead_s: float = 0.0,
+        warm: bool = True,
+    ) -> None:
+        self.workflows = workflows
+        self.profiles = profiles
+        self.truth = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
+        costs = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
+        self.scheduler = core.Scheduler(costs, policy, enforce_slo=True, slo_factor=slo_factor)
+        self.workers = {f"gpu{i}": _SimWorker(f"gpu{i}", DeviceCache(device_bytes)) for i in range(gpus)}
+        models = sorted({n.model for spec in workflows.values() for n in spec.nodes} | self._loop_models())
+        for worker in self.workers.values():
+            if warm:  # as after a warm-up: every model resident where memory allows (LRU otherwise)
+                for model in models:
+                    self._load_s(worker, model)
+                worker.loads = 0
+            self.scheduler.add_worker(worker.worker_id, host="h0", loaded=worker.cache.resident())
+        self._events: list[tuple[float, int, _Submit | _Done]] = []
+        self._seq = itertools.count()
+        self._dispatched: dict[str, core.Dispatch] = {}
+
+    def _loop_models(self) -> set[str]:
+        """Models named only in attributes (a denoise loop's noise scheduler)."""
+        return {
+            node.attributes["scheduler"]
+            for spec in self.workflows.values()
+            for node in spec.nodes
+            if "scheduler" in node.attributes
+        }
+
+    # ---- the model of a worker ----
+
+    def _footprint(self, model: str) -> int:
+        try:
+            return self.profiles.get(profile_name(model)).peak_bytes()
+        except KeyError:
+            return UNKNOWN_MODEL_BYTES
+
+    def _load_s(self, worker: _SimWorker, model: str) -> float:
+        """Make `model` resident; the seconds that takes (0 when it already is)."""
+        if model in worker.cache:
+            worker.cache.touch(model)
+            return 0.0
+        for victim in worker.cache.plan_load(model, self._footprint(model)):
+            worker.cache.evict(victim)
+        worker.cache.admit(model, self._footprint(model))
+        worker.loads += 1
+        seconds = self.truth.load_s(model)
+        if model not in worker.host_models:
+            worker.host_models.add(model)
+            with contextlib.suppress(KeyError):
+                seconds += self.profiles.get(profile_name(model)).disk_to_host_s
+        return seconds
+
+    def _start(self, dispatch: core.Dispatch, now: float) -> None:
+        worker = self.workers[dispatch.worker_id]
+        start = max(now, worker.free_at)
+        load = self._load_s(worker, dispatch.model)
+        execution = self.truth.exec_s(dispatch.tasks[0].node, len(dispatch.tasks))
+        worker.free_at = start + load + execution
+        worker.busy_s += load + execution
+        self.scheduler.set_loaded(worker.worker_id, worker.cache.resident())
+        self._dispatched[dispatch.batch_id] = dispatch
+        self._push(worker.free_at, _Done(dispatch.batch_id, execution))
+
+    def _preload(self, preload: core.Preload, now: float) -> None:
+        worker = self.workers[preload.worker_id]
+        start = max(now, worker.free_at)
+        load = self._load_s(worker, preload.model)
+        worker.free_at = start + load
+        worker.busy_s += load
+        self.scheduler.set_loaded(worker.worker_id, worker.cache.resident())
+
+    # ---- the event loop ----
+
+    def _push(self, time_s: float, event: _Submit | _Done) -> None:
+        heapq.heappush(self._events, (time_s, next(self._seq), event))
+
+    def run(self, arrivals: list[Arrival]) -> SimulationResult:
+        outcomes: dict[str, _Outcome] = {}
+        for index, arrival in enumerate(arrivals):
+            self._push(arrival.time_s, _Submit(f"r{index}", arrival))
+        now = 0.0
+        while self._events:
+            now, _, event = heapq.heappop(self._events)
+            events: list[core.Event] = []
+            if isinstance(event, _Submit):
+                outcomes[event.request_id] = self._admit(event.request_id, event.arrival, now)
+            else:
+                dispatch = self._dispatched.pop(event.batch_id)
+                outputs = {
+                    t.task_id: {o: core.Tensor(f"{t.task_id}/{o}", 0, "h0") for o in t.node.outputs}
+                    for t in dispatch.tasks
+                }
+                events += self.scheduler.complete(event.batch_id, outputs, now, event.execution_s)
+            decisions = self.scheduler.schedule(now)
+            events += decisions.events
+            for dispatch in decisions.dispatches:
+                self._start(dispatch, now)
+            for preload in decisions.preloads:
+                self._preload(preload, now)
+            self._record(events, outcomes, now)
+        gpu_seconds = sum(w.busy_s for w in self.workers.values())
+        loads = sum(w.loads for w in self.workers.values())
+        return SimulationResult(outcomes, gpu_seconds, loads, now)
+
+    def _admit(self, request_id: str, arrival: Arrival, now: float) -> _Outcome:
+        spec = self.workflows[arrival.workflow]
+        graph = instantiate(spec, resolve_inputs(spec, arrival.inputs))
+        admission = self.scheduler.admit(request_id, arrival.workflow, graph, now, arrival.slo_s)
+        slo = admission.deadline - now if math.isfinite(admission.deadline) else math.inf
+        outcome = _Outcome(arrival.workflow, now, slo)
+        if not admission.accepted:
+            outcome.failure = "rejected"
+        return outcome
+
+    def _record(self, events: list[core.Event], outcomes: dict[str, _Outcome], now: float) -> None:
+        for event in events:
+            outcome = outcomes[event.request_id]
+            if isinstance(event, core.RequestDone):
+                outcome.latency_s = now - outcome.arrival
+                self.scheduler.release(event.request_id)
+            elif isinstance(event, core.RequestFailed):
+                outcome.failure = event.code
+                self.scheduler.release(event.request_id)
+
+
+def standalone_latencies(
+    workflows: dict[str, compiler_pb2.WorkflowSpec],
+    inputs: dict[str, dict[str, Scalar]],
+    profiles: ProfileSet,
+    overhead_s: float = 0.0,
+) -> dict[str, float]:
+    """Each workflow's latency alone on one idle, warm device (the SLO's base)."""
+    costs = CostModel(profiles, overhead_s=overhead_s)
+    return {
+        name: costs.standalone_s(instantiate(spec, resolve_inputs(spec, inputs[name])))
+        for name, spec in workflows.items()
+    }
+
+
+def offered_gpu_seconds(arrivals: list[Arrival], standalone: dict[str, float]) -> float:
+    return sum(standalone[a.workflow] for a in arrivals)
