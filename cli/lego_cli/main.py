@@ -23,6 +23,7 @@ from lego_coordinator.__main__ import add_policy_flags, config_from
 from lego_worker.__main__ import add_backend_flags
 from lego_worker.agent import WorkerConfig
 
+from lego_cli import workflows_cli
 from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -195,22 +196,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _workflows(args: argparse.Namespace) -> int:
-    with GatewayClient(args.gateway) as client:
-        for workflow in client.list_workflows().workflows:
-            print(
-                json.dumps(
-                    {
-                        "name": workflow.name,
-                        "description": workflow.description,
-                        "nodes": workflow.node_count,
-                        "inputs": list(workflow.input_names),
-                    }
-                )
-            )
-    return 0
-
-
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     module = import_module(f"lego_{args.service}.__main__")
     result: int = module.main(rest)
@@ -243,9 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(generate, prompt_required=True)
     generate.add_argument("--gateway", default=DEFAULT_GATEWAY)
 
-    workflows = commands.add_parser("workflows", help="list the registered workflows")
-    workflows.add_argument("action", choices=["list"])
-    workflows.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    workflows_cli.configure(commands.add_parser("workflows", help="list, compile or register workflows"))
 
     bench = commands.add_parser("bench", help="benchmarks that print JSON figures")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True)
@@ -275,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             result: int = import_module(BENCHMARKS[args.benchmark]).run(args)
             return result
-        return _workflows(args)
+        return workflows_cli.run(args)
     except InvalidRequest as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The device-memory LRU cache of loaded models (pure: decides, never loads).
+"""The device-memory LRU cache of models (pure: decides, never loads). Used by workers and the simulator.
 
 Before a model is loaded, least-recently-used idle models are evicted until its footprint fits the
 budget; a model with work in flight (pinned) is never evicted.

@@ -1,19 +1,24 @@
 """Graph passes shared by the compiler and the coordinator (pure functions, no I/O).
 
-- `validate_spec`: every error in a workflow template, each naming the node and the input.
+- `validate_spec` (from `lego.validation`): every error in a template, naming the node and the input.
 - `instantiate`: one request's graph: the denoise loop unrolled for its step count, CFG branches
-  split into separate denoiser nodes, dead nodes removed, depth from the sinks, consumer counts.
+  split into separate denoiser nodes, one ControlNet node per step and branch (its residuals a
+  deferred input of that branch's denoiser call), img2img's start timestep from `strength`, dead
+  nodes removed, depth from the sinks, consumer counts.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
 from lego import operators
+from lego.errors import InvalidRequest
 from lego.v1 import compiler_pb2
+from lego.validation import validate_spec
 from lego.values import Scalar, from_value
+
+__all__ = ["Ref", "RequestGraph", "TaskNode", "instantiate", "validate_spec"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class TaskNode:
     step: int = 0  # 1-based denoise step this node completes (progress); 0: none
     total_steps: int = 0
     depth: int = 0  # longest path to a sink, in nodes; deeper nodes run first within a request
+    # inputs the call may start without: the worker awaits them (lazy arrival); their producers may
+    # run concurrently elsewhere. A scheduler that does not support this treats them as blocking.
+    deferred: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -47,111 +55,6 @@ class RequestGraph:
 
     def model_calls(self) -> int:
         return len(self.nodes)
-
-
-def validate_spec(spec: compiler_pb2.WorkflowSpec) -> list[str]:
-    errors: list[str] = []
-    if not spec.name:
-        errors.append("workflow: name is empty")
-    if spec.ir_version != 1:
-        errors.append(f"workflow {spec.name}: ir_version {spec.ir_version} is not supported (expected 1)")
-    inputs = {i.name for i in spec.inputs}
-    produced: dict[str, set[str]] = {}
-    for node in spec.nodes:
-        if node.id in produced:
-            errors.append(f"node {node.id}: duplicate node id")
-        produced[node.id] = set(node.outputs)
-    for node in spec.nodes:
-        expected = _expected_inputs(node, errors)
-        bound = [b.name for b in node.inputs]
-        for name in sorted(set(expected) - set(bound)):
-            errors.append(f"node {node.id}: missing required input {name!r}")
-        for name in sorted(set(bound) - set(expected)) if expected else []:
-            errors.append(f"node {node.id}: unexpected input {name!r} (expects {list(expected)})")
-        for binding in node.inputs:
-            source = binding.WhichOneof("source")
-            if source == "ref" and binding.ref.output not in produced.get(binding.ref.node, set()):
-                errors.append(
-                    f"node {node.id}: input {binding.name!r} refers to "
-                    f"{binding.ref.node}.{binding.ref.output}, which does not exist"
-                )
-            elif source == "workflow_input" and binding.workflow_input not in inputs:
-                errors.append(
-                    f"node {node.id}: input {binding.name!r} refers to unknown workflow input "
-                    f"{binding.workflow_input!r}"
-                )
-            elif source is None:
-                errors.append(f"node {node.id}: input {binding.name!r} has no source")
-        for patch in node.patches:
-            if node.op != operators.DENOISE_LOOP:
-                errors.append(f"node {node.id}: patches apply to denoise loops only, not {node.op}")
-            if not patch.source or not math.isfinite(patch.scale):
-                errors.append(
-                    f"node {node.id}: a LoRA needs a source and a finite scale, "
-                    f"got {patch.source!r} at {patch.scale}"
-                )
-    cycle = _find_cycle(spec)
-    if cycle:
-        errors.append(f"cycle: {' -> '.join(cycle)}")
-    if not spec.outputs:
-        errors.append(f"workflow {spec.name}: declares no outputs")
-    for output in spec.outputs:
-        if output.source.output not in produced.get(output.source.node, set()):
-            errors.append(
-                f"output {output.name}: refers to {output.source.node}.{output.source.output}, "
-                "which does not exist"
-            )
-    return errors
-
-
-def _expected_inputs(node: compiler_pb2.NodeSpec, errors: list[str]) -> tuple[str, ...]:
-    if node.op == operators.DENOISE_LOOP:
-        for attribute in operators.DENOISE_LOOP_ATTRIBUTES:
-            if attribute not in node.attributes:
-                errors.append(f"node {node.id}: denoise loop needs attribute {attribute!r}")
-        for attribute in ("latent_channels", "vae_scale_factor", "extra_iterations"):
-            value = node.attributes.get(attribute, "0")
-            if not value.isdigit():
-                errors.append(
-                    f"node {node.id}: attribute {attribute} must be a non-negative integer, got {value!r}"
-                )
-        return operators.DENOISE_LOOP_INPUTS
-    try:
-        signature = operators.signature(node.op, node.mode)
-    except KeyError as error:
-        errors.append(f"node {node.id}: {error.args[0]}")
-        return ()
-    for output in node.outputs:
-        if output not in signature.outputs:
-            errors.append(f"node {node.id}: {node.op}.{node.mode} has no output {output!r}")
-    return signature.inputs
-
-
-def _find_cycle(spec: compiler_pb2.WorkflowSpec) -> list[str]:
-    edges = {n.id: [b.ref.node for b in n.inputs if b.WhichOneof("source") == "ref"] for n in spec.nodes}
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str]:
-        state[node] = 1
-        path.append(node)
-        for succ in edges.get(node, []):
-            if state.get(succ) == 1:
-                return [*path[path.index(succ) :], succ]
-            if succ in edges and succ not in state:
-                found = visit(succ)
-                if found:
-                    return found
-        path.pop()
-        state[node] = 2
-        return []
-
-    for node_id in edges:
-        if node_id not in state:
-            found = visit(node_id)
-            if found:
-                return found
-    return []
 
 
 def _resolve(binding: compiler_pb2.Binding, request_inputs: dict[str, Scalar]) -> Ref | Scalar:
@@ -178,7 +81,11 @@ def instantiate(spec: compiler_pb2.WorkflowSpec, request_inputs: dict[str, Scala
     for node in spec.nodes:
         inputs = {b.name: bind(b) for b in node.inputs}
         if node.op == operators.DENOISE_LOOP:
-            final = _unroll_denoise_loop(node, inputs, nodes)
+            adapters = [
+                (adapter.kind, adapter.model, {b.name: bind(b) for b in adapter.inputs})
+                for adapter in node.adapters
+            ]
+            final = _unroll_denoise_loop(node, inputs, adapters, nodes)
             renamed[Ref(node.id, "latents")] = final
         else:
             nodes[node.id] = TaskNode(node.id, node.op, node.model, node.mode, inputs, tuple(node.outputs))
@@ -193,39 +100,100 @@ def instantiate(spec: compiler_pb2.WorkflowSpec, request_inputs: dict[str, Scala
     return graph
 
 
+Adapter = tuple[str, str, dict[str, Ref | Scalar]]  # (kind, model, inputs)
+# a denoiser mode → (its ControlNet's mode, the denoiser's mode with the ControlNet's outputs)
+CONTROLLED_MODES = {
+    "denoise": ("residuals", "denoise_controlled"),
+    "denoise_pooled": ("residuals_pooled", "denoise_pooled_controlled"),
+}
+_SCHEDULER_OUTPUTS = ("latents", "model_input", "timestep")
+
+
+def _img2img_start(loop: compiler_pb2.NodeSpec, steps: int, strength: Ref | Scalar) -> int:
+    """How many leading timesteps img2img skips (diffusers' `get_timesteps`, scheduler order 1):
+    SD 1.5 / SDXL round the steps kept down; SD3 and FLUX.1 (transformers) round the steps skipped."""
+    if not isinstance(strength, int | float) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise InvalidRequest("strength", f"strength must be a number > 0 and ≤ 1, got {strength!r}")
+    if loop.attributes.get("denoiser_op") == "transformer":
+        start = int(max(steps - min(steps * strength, steps), 0))
+        if start >= steps:
+            raise InvalidRequest("strength", f"strength {strength} leaves no denoising step of {steps}")
+        return start
+    init_steps = min(int(steps * strength), steps)
+    if init_steps == 0:
+        raise InvalidRequest(
+            "strength",
+            f"strength {strength} leaves no denoising step of {steps} (needs steps * strength ≥ 1)",
+        )
+    return steps - init_steps
+
+
+def _init_node(
+    loop: compiler_pb2.NodeSpec,
+    inputs: dict[str, Ref | Scalar],
+    steps: int,
+    iterations: int,
+    start: int,
+    adapters: list[Adapter],
+) -> TaskNode:
+    init_inputs: dict[str, Ref | Scalar] = {
+        "seed": inputs["seed"],
+        "height": inputs["height"],
+        "width": inputs["width"],
+        "steps": steps,
+        "iterations": iterations,
+        "latent_channels": int(loop.attributes["latent_channels"]),
+        "vae_scale_factor": int(loop.attributes["vae_scale_factor"]),
+    }
+    mode = "init_flow" if loop.attributes.get("guidance") == "embedded" else "init"
+    if "init_latents" in inputs:
+        mode = "init_flow_from_image" if mode == "init_flow" else "init_from_image"
+        init_inputs |= {
+            "init_latents": inputs["init_latents"],
+            "init_scaling": inputs["init_scaling"],
+            "first_index": start,
+        }
+    outputs: tuple[str, ...] = _SCHEDULER_OUTPUTS
+    for kind, _, adapter_inputs in adapters:
+        if kind == "flux_controlnet":  # the control latents are sampled with the request's seed first
+            mode = "init_flow_control"
+            init_inputs |= {name: adapter_inputs[name] for name in ("control_dist", "control_scaling")}
+            outputs = (*_SCHEDULER_OUTPUTS, "control_latents")
+    node_id = f"{loop.id}/init"
+    return TaskNode(
+        node_id,
+        "noise_scheduler",
+        loop.attributes["scheduler"],
+        mode,
+        init_inputs,
+        outputs,
+        state_key=loop.id,
+    )
+
+
 def _unroll_denoise_loop(
-    loop: compiler_pb2.NodeSpec, inputs: dict[str, Ref | Scalar], nodes: dict[str, TaskNode]
+    loop: compiler_pb2.NodeSpec,
+    inputs: dict[str, Ref | Scalar],
+    adapters: list[Adapter],
+    nodes: dict[str, TaskNode],
 ) -> Ref:
     steps = inputs["steps"]
     guidance = inputs["guidance_scale"]
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
-        raise ValueError(f"node {loop.id}: steps must be a positive integer per request, got {steps!r}")
-    if not isinstance(guidance, int | float):
-        raise ValueError(f"node {loop.id}: guidance_scale must be a number per request, got {guidance!r}")
-    cfg = guidance > 1.0
-    iterations = steps + int(loop.attributes.get("extra_iterations", "0"))
-    scheduler = loop.attributes["scheduler"]
-    state_key = loop.id
+        raise InvalidRequest("steps", f"node {loop.id}: steps must be a positive integer, got {steps!r}")
+    if not isinstance(guidance, int | float) or isinstance(guidance, bool):
+        raise InvalidRequest(
+            "guidance_scale", f"node {loop.id}: guidance_scale must be a number, got {guidance!r}"
+        )
+    embedded = loop.attributes.get("guidance") == "embedded"  # FLUX.1: one branch, no CFG
+    denoiser_op = loop.attributes.get("denoiser_op", "unet")
+    cfg = guidance > 1.0 and not embedded
+    start = _img2img_start(loop, steps, inputs["strength"]) if "strength" in inputs else 0
+    iterations = steps + int(loop.attributes.get("extra_iterations", "0")) - start
     patches = tuple((patch.source, patch.scale) for patch in loop.patches)
-    init_id = f"{loop.id}/init"
-    nodes[init_id] = TaskNode(
-        init_id,
-        "noise_scheduler",
-        scheduler,
-        "init",
-        {
-            "seed": inputs["seed"],
-            "height": inputs["height"],
-            "width": inputs["width"],
-            "steps": steps,
-            "iterations": iterations,
-            "latent_channels": int(loop.attributes["latent_channels"]),
-            "vae_scale_factor": int(loop.attributes["vae_scale_factor"]),
-        },
-        ("latents", "model_input", "timestep"),
-        state_key=state_key,
-    )
-    previous = init_id
+    init = _init_node(loop, inputs, steps, iterations, start, adapters)
+    nodes[init.id] = init
+    previous = init.id
     for step in range(iterations):
         prefix = f"{loop.id}/step{step}"
 
@@ -233,18 +201,70 @@ def _unroll_denoise_loop(
             branch: str, embeds: Ref | Scalar, prefix: str = prefix, previous: str = previous
         ) -> str:
             node_id = f"{prefix}/{branch}"
+            call: dict[str, Ref | Scalar] = {
+                "sample": Ref(previous, "model_input"),
+                "timestep": Ref(previous, "timestep"),
+                "encoder_hidden_states": embeds,
+            }
+            mode, deferred = "denoise", frozenset[str]()
+            if embedded:
+                call |= {
+                    "pooled_embeds": inputs["pooled_prompt_embeds"],
+                    "guidance_scale": float(guidance),
+                    "height": inputs["height"],
+                    "width": inputs["width"],
+                }
+                mode = "denoise_flux"
+                for _, model, adapter_inputs in adapters:  # validation: one flux_controlnet
+                    adapter_id = f"{prefix}/{branch}/controlnet"
+                    adapter_call = {
+                        **call,
+                        "control_latents": Ref(init.id, "control_latents"),
+                        "conditioning_scale": adapter_inputs["conditioning_scale"],
+                    }
+                    outputs = operators.signature("controlnet", "residuals_flux").outputs
+                    nodes[adapter_id] = TaskNode(
+                        adapter_id, "controlnet", model, "residuals_flux", adapter_call, outputs
+                    )
+                    call |= {output: Ref(adapter_id, output) for output in outputs}
+                    mode = "denoise_flux_controlled"
+                    deferred = frozenset(operators.signature("transformer", mode).deferred)
+                nodes[node_id] = TaskNode(
+                    node_id,
+                    "transformer",
+                    loop.model,
+                    mode,
+                    call,
+                    ("noise_pred",),
+                    patches=patches,
+                    deferred=deferred,
+                )
+                return node_id
+            if "pooled_prompt_embeds" in inputs:  # SDXL, SD3
+                pooled = "pooled_prompt_embeds" if branch == "cond" else "negative_pooled_prompt_embeds"
+                call["pooled_embeds"] = inputs[pooled]
+                mode = "denoise_pooled"
+                if denoiser_op == "transformer":  # SD3 / 3.5
+                    mode = "denoise_sd3"
+            for kind, model, adapter_inputs in adapters:  # validation allows one ControlNet
+                assert kind == "controlnet"
+                adapter_id = f"{prefix}/{branch}/controlnet"
+                adapter_mode, mode = CONTROLLED_MODES[mode]
+                outputs = operators.signature("controlnet", adapter_mode).outputs
+                nodes[adapter_id] = TaskNode(
+                    adapter_id, "controlnet", model, adapter_mode, {**call, **adapter_inputs}, outputs
+                )
+                call |= {output: Ref(adapter_id, output) for output in outputs}
+                deferred = frozenset(operators.signature(denoiser_op, mode).deferred)
             nodes[node_id] = TaskNode(
                 node_id,
-                "unet",
+                denoiser_op,
                 loop.model,
-                "denoise",
-                {
-                    "sample": Ref(previous, "model_input"),
-                    "timestep": Ref(previous, "timestep"),
-                    "encoder_hidden_states": embeds,
-                },
+                mode,
+                call,
                 ("noise_pred",),
                 patches=patches,
+                deferred=deferred,
             )
             return node_id
 
@@ -266,11 +286,11 @@ def _unroll_denoise_loop(
         nodes[step_id] = TaskNode(
             step_id,
             "noise_scheduler",
-            scheduler,
+            init.model,
             mode,
             sched_inputs,
-            ("latents", "model_input", "timestep"),
-            state_key=state_key,
+            _SCHEDULER_OUTPUTS,
+            state_key=loop.id,
             step=step + 1,
             total_steps=iterations,
         )

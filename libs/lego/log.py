@@ -8,6 +8,12 @@ import sys
 import structlog
 
 
+def _current_stderr(*args: object) -> structlog.PrintLogger:
+    """A logger writing to whatever sys.stderr is now (a test harness may have swapped and closed
+    the stream that was current when logging was configured)."""
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(level: str = "info", json: bool = True) -> None:
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format="%(message)s")
     renderer: structlog.types.Processor = (
@@ -21,6 +27,6 @@ def configure_logging(level: str = "info", json: bool = True) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_current_stderr,
         cache_logger_on_first_use=False,
     )

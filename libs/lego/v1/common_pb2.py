@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lego/v1/common.proto\x12\x07lego.v1\"b\n\x0cTensorHandle\x12\x11\n\ttensor_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x11\n\tlocations\x18\x05 \x03(\t\"\x92\x01\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\'\n\x06tensor\x18\x05 \x01(\x0b\x32\x15.lego.v1.TensorHandleH\x00\x42\x06\n\x04kind\"&\n\x05Patch\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\"\x07\n\x05\x45mptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lego/v1/common.proto\x12\x07lego.v1\"b\n\x0cTensorHandle\x12\x11\n\ttensor_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x11\n\tlocations\x18\x05 \x03(\t\"\x92\x01\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\'\n\x06tensor\x18\x05 \x01(\x0b\x32\x15.lego.v1.TensorHandleH\x00\x42\x06\n\x04kind\"6\n\x05Patch\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0e\n\x06target\x18\x03 \x01(\t\"\x07\n\x05\x45mptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VALUE']._serialized_start=134
   _globals['_VALUE']._serialized_end=280
   _globals['_PATCH']._serialized_start=282
-  _globals['_PATCH']._serialized_end=320
-  _globals['_EMPTY']._serialized_start=322
-  _globals['_EMPTY']._serialized_end=329
+  _globals['_PATCH']._serialized_end=336
+  _globals['_EMPTY']._serialized_start=338
+  _globals['_EMPTY']._serialized_end=345
 # @@protoc_insertion_point(module_scope)

@@ -101,18 +101,22 @@ class Patch(_message.Message):
 
     SOURCE_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     """a safetensors file or a diffusers LoRA directory"""
     scale: _builtins.float
+    target: _builtins.str
+    """the model id it patches; empty: the denoiser of the loop that carries it"""
     def __init__(
         self,
         *,
         source: _builtins.str = ...,
         scale: _builtins.float = ...,
+        target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["scale", b"scale", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scale", b"scale", "source", b"source", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

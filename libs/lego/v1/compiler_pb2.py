@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lego.v1 import common_pb2 as lego_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lego/v1/compiler.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\"\x90\x02\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04type\x18\x02 \x01(\x0e\x32\x12.lego.v1.ValueType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12%\n\rdefault_value\x18\x04 \x01(\x0b\x32\x0e.lego.v1.Value\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0bmultiple_of\x18\x07 \x01(\x03\x12\x12\n\nmin_length\x18\x08 \x01(\x03\x12\x12\n\nmax_length\x18\t \x01(\x03\x12\x19\n\x11\x65xclusive_minimum\x18\n \x01(\x08\x42\n\n\x08_minimumB\n\n\x08_maximum\")\n\tOutputRef\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\"\x82\x01\n\x07\x42inding\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x03ref\x18\x02 \x01(\x0b\x32\x12.lego.v1.OutputRefH\x00\x12\x18\n\x0eworkflow_input\x18\x03 \x01(\tH\x00\x12\"\n\x08\x63onstant\x18\x04 \x01(\x0b\x32\x0e.lego.v1.ValueH\x00\x42\x08\n\x06source\"\xfd\x01\n\x08NodeSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12 \n\x06inputs\x18\x05 \x03(\x0b\x32\x10.lego.v1.Binding\x12\x0f\n\x07outputs\x18\x06 \x03(\t\x12\x35\n\nattributes\x18\x07 \x03(\x0b\x32!.lego.v1.NodeSpec.AttributesEntry\x12\x1f\n\x07patches\x18\x08 \x03(\x0b\x32\x0e.lego.v1.Patch\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x0eWorkflowOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06source\x18\x02 \x01(\x0b\x32\x12.lego.v1.OutputRef\"\xb5\x01\n\x0cWorkflowSpec\x12\x12\n\nir_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\"\n\x06inputs\x18\x04 \x03(\x0b\x32\x12.lego.v1.InputSpec\x12 \n\x05nodes\x18\x05 \x03(\x0b\x32\x11.lego.v1.NodeSpec\x12(\n\x07outputs\x18\x06 \x03(\x0b\x32\x17.lego.v1.WorkflowOutput\"\xbb\x01\n\x15RegisterWorkflowReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnode_count\x18\x02 \x01(\x05\x12J\n\x0fnodes_per_model\x18\x03 \x03(\x0b\x32\x31.lego.v1.RegisterWorkflowReply.NodesPerModelEntry\x1a\x34\n\x12NodesPerModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\"\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x0fWorkflowSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nnode_count\x18\x03 \x01(\x05\x12\x13\n\x0binput_names\x18\x04 \x03(\t\"A\n\x12ListWorkflowsReply\x12+\n\tworkflows\x18\x01 \x03(\x0b\x32\x18.lego.v1.WorkflowSummary*\x94\x01\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11VALUE_TYPE_STRING\x10\x01\x12\x12\n\x0eVALUE_TYPE_INT\x10\x02\x12\x14\n\x10VALUE_TYPE_FLOAT\x10\x03\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x04\x12\x15\n\x11VALUE_TYPE_TENSOR\x10\x05\x32\xd6\x01\n\x08\x43ompiler\x12I\n\x10RegisterWorkflow\x12\x15.lego.v1.WorkflowSpec\x1a\x1e.lego.v1.RegisterWorkflowReply\x12\x41\n\x0bGetWorkflow\x12\x1b.lego.v1.GetWorkflowRequest\x1a\x15.lego.v1.WorkflowSpec\x12<\n\rListWorkflows\x12\x0e.lego.v1.Empty\x1a\x1b.lego.v1.ListWorkflowsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lego/v1/compiler.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\"\x90\x02\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04type\x18\x02 \x01(\x0e\x32\x12.lego.v1.ValueType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12%\n\rdefault_value\x18\x04 \x01(\x0b\x32\x0e.lego.v1.Value\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0bmultiple_of\x18\x07 \x01(\x03\x12\x12\n\nmin_length\x18\x08 \x01(\x03\x12\x12\n\nmax_length\x18\t \x01(\x03\x12\x19\n\x11\x65xclusive_minimum\x18\n \x01(\x08\x42\n\n\x08_minimumB\n\n\x08_maximum\")\n\tOutputRef\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\"\x82\x01\n\x07\x42inding\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x03ref\x18\x02 \x01(\x0b\x32\x12.lego.v1.OutputRefH\x00\x12\x18\n\x0eworkflow_input\x18\x03 \x01(\tH\x00\x12\"\n\x08\x63onstant\x18\x04 \x01(\x0b\x32\x0e.lego.v1.ValueH\x00\x42\x08\n\x06source\"\xa1\x02\n\x08NodeSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12 \n\x06inputs\x18\x05 \x03(\x0b\x32\x10.lego.v1.Binding\x12\x0f\n\x07outputs\x18\x06 \x03(\t\x12\x35\n\nattributes\x18\x07 \x03(\x0b\x32!.lego.v1.NodeSpec.AttributesEntry\x12\x1f\n\x07patches\x18\x08 \x03(\x0b\x32\x0e.lego.v1.Patch\x12\"\n\x08\x61\x64\x61pters\x18\t \x03(\x0b\x32\x10.lego.v1.Adapter\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x07\x41\x64\x61pter\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12 \n\x06inputs\x18\x03 \x03(\x0b\x32\x10.lego.v1.Binding\"B\n\x0eWorkflowOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06source\x18\x02 \x01(\x0b\x32\x12.lego.v1.OutputRef\"\xb5\x01\n\x0cWorkflowSpec\x12\x12\n\nir_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\"\n\x06inputs\x18\x04 \x03(\x0b\x32\x12.lego.v1.InputSpec\x12 \n\x05nodes\x18\x05 \x03(\x0b\x32\x11.lego.v1.NodeSpec\x12(\n\x07outputs\x18\x06 \x03(\x0b\x32\x17.lego.v1.WorkflowOutput\"\xbb\x01\n\x15RegisterWorkflowReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nnode_count\x18\x02 \x01(\x05\x12J\n\x0fnodes_per_model\x18\x03 \x03(\x0b\x32\x31.lego.v1.RegisterWorkflowReply.NodesPerModelEntry\x1a\x34\n\x12NodesPerModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\"\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x0fWorkflowSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nnode_count\x18\x03 \x01(\x05\x12\x13\n\x0binput_names\x18\x04 \x03(\t\"A\n\x12ListWorkflowsReply\x12+\n\tworkflows\x18\x01 \x03(\x0b\x32\x18.lego.v1.WorkflowSummary*\x94\x01\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11VALUE_TYPE_STRING\x10\x01\x12\x12\n\x0eVALUE_TYPE_INT\x10\x02\x12\x14\n\x10VALUE_TYPE_FLOAT\x10\x03\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x04\x12\x15\n\x11VALUE_TYPE_TENSOR\x10\x05\x32\xd6\x01\n\x08\x43ompiler\x12I\n\x10RegisterWorkflow\x12\x15.lego.v1.WorkflowSpec\x1a\x1e.lego.v1.RegisterWorkflowReply\x12\x41\n\x0bGetWorkflow\x12\x1b.lego.v1.GetWorkflowRequest\x1a\x15.lego.v1.WorkflowSpec\x12<\n\rListWorkflows\x12\x0e.lego.v1.Empty\x1a\x1b.lego.v1.ListWorkflowsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESPEC_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERWORKFLOWREPLY_NODESPERMODELENTRY']._loaded_options = None
   _globals['_REGISTERWORKFLOWREPLY_NODESPERMODELENTRY']._serialized_options = b'8\001'
-  _globals['_VALUETYPE']._serialized_start=1405
-  _globals['_VALUETYPE']._serialized_end=1553
+  _globals['_VALUETYPE']._serialized_start=1515
+  _globals['_VALUETYPE']._serialized_end=1663
   _globals['_INPUTSPEC']._serialized_start=58
   _globals['_INPUTSPEC']._serialized_end=330
   _globals['_OUTPUTREF']._serialized_start=332
@@ -45,23 +45,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BINDING']._serialized_start=376
   _globals['_BINDING']._serialized_end=506
   _globals['_NODESPEC']._serialized_start=509
-  _globals['_NODESPEC']._serialized_end=762
-  _globals['_NODESPEC_ATTRIBUTESENTRY']._serialized_start=713
-  _globals['_NODESPEC_ATTRIBUTESENTRY']._serialized_end=762
-  _globals['_WORKFLOWOUTPUT']._serialized_start=764
-  _globals['_WORKFLOWOUTPUT']._serialized_end=830
-  _globals['_WORKFLOWSPEC']._serialized_start=833
-  _globals['_WORKFLOWSPEC']._serialized_end=1014
-  _globals['_REGISTERWORKFLOWREPLY']._serialized_start=1017
-  _globals['_REGISTERWORKFLOWREPLY']._serialized_end=1204
-  _globals['_REGISTERWORKFLOWREPLY_NODESPERMODELENTRY']._serialized_start=1152
-  _globals['_REGISTERWORKFLOWREPLY_NODESPERMODELENTRY']._serialized_end=1204
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=1206
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=1240
-  _globals['_WORKFLOWSUMMARY']._serialized_start=1242
-  _globals['_WORKFLOWSUMMARY']._serialized_end=1335
-  _globals['_LISTWORKFLOWSREPLY']._serialized_start=1337
-  _globals['_LISTWORKFLOWSREPLY']._serialized_end=1402
-  _globals['_COMPILER']._serialized_start=1556
-  _globals['_COMPILER']._serialized_end=1770
+  _globals['_NODESPEC']._serialized_end=798
+  _globals['_NODESPEC_ATTRIBUTESENTRY']._serialized_start=749
+  _globals['_NODESPEC_ATTRIBUTESENTRY']._serialized_end=798
+  _globals['_ADAPTER']._serialized_start=800
+  _globals['_ADAPTER']._serialized_end=872
+  _globals['_WORKFLOWOUTPUT']._serialized_start=874
+  _globals['_WORKFLOWOUTPUT']._serialized_end=940
+  _globals['_WORKFLOWSPEC']._serialized_start=943
+  _globals['_WORKFLOWSPEC']._serialized_end=1124
+  _globals['_REGISTERWORKFLOWREPLY']._serialized_start=1127
+  _globals['_REGISTERWORKFLOWREPLY']._serialized_end=1314
+  _globals['_REGISTERWORKFLOWREPLY_NODESPERMODELENTRY']._serialized_start=1262
+  _globals['_REGISTERWORKFLOWREPLY_NODESPERMODELENTRY']._serialized_end=1314
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=1316
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=1350
+  _globals['_WORKFLOWSUMMARY']._serialized_start=1352
+  _globals['_WORKFLOWSUMMARY']._serialized_end=1445
+  _globals['_LISTWORKFLOWSREPLY']._serialized_start=1447
+  _globals['_LISTWORKFLOWSREPLY']._serialized_end=1512
+  _globals['_COMPILER']._serialized_start=1666
+  _globals['_COMPILER']._serialized_end=1880
 # @@protoc_insertion_point(module_scope)

@@ -193,6 +193,7 @@ class NodeSpec(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     PATCHES_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     op: _builtins.str
     model: _builtins.str
@@ -207,6 +208,10 @@ class NodeSpec(_message.Message):
     def patches(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Patch]:
         """on a denoise loop: applied to its denoiser calls"""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___Adapter]:
+        """on a denoise loop: called once per step and CFG branch"""
+
     def __init__(
         self,
         *,
@@ -218,14 +223,47 @@ class NodeSpec(_message.Message):
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         patches: _abc.Iterable[_common_pb2.Patch] | None = ...,
+        adapters: _abc.Iterable[Global___Adapter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "id", b"id", "inputs", b"inputs", "mode", b"mode", "model", b"model", "op", b"op", "outputs", b"outputs", "patches", b"patches"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "attributes", b"attributes", "id", b"id", "inputs", b"inputs", "mode", b"mode", "model", b"model", "op", b"op", "outputs", b"outputs", "patches", b"patches"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeSpec: _TypeAlias = NodeSpec  # noqa: Y015
+
+@_typing.final
+class Adapter(_message.Message):
+    """An adapter of a denoise loop (IR version 2), e.g. kind "controlnet": its model is called once per
+    step and CFG branch with the step's latents, and its outputs feed that step's denoiser call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    model: _builtins.str
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Binding]:
+        """kind "controlnet": control_image, conditioning_scale"""
+
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        model: _builtins.str = ...,
+        inputs: _abc.Iterable[Global___Binding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "kind", b"kind", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Adapter: _TypeAlias = Adapter  # noqa: Y015
 
 @_typing.final
 class WorkflowOutput(_message.Message):
@@ -252,6 +290,8 @@ Global___WorkflowOutput: _TypeAlias = WorkflowOutput  # noqa: Y015
 
 @_typing.final
 class WorkflowSpec(_message.Message):
+    """ir_version 1: the walking skeleton; 2: adds adapters, patch targets, img2img loop inputs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IR_VERSION_FIELD_NUMBER: _builtins.int

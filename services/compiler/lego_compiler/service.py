@@ -1,4 +1,5 @@
-"""The Compiler gRPC servicer: validate (pure passes in lego.graph), store, list."""
+"""The Compiler gRPC servicer: validate and optimise (pure passes in lego.validation and
+lego.passes: common-subexpression and dead-node elimination), store, list."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import structlog
 from lego import keys
 from lego.graph import validate_spec
 from lego.grpc_server import RunningServer, start_server
+from lego.passes import optimise
 from lego.store import ClusterStore, Registration
 from lego.v1 import common_pb2, compiler_pb2, compiler_pb2_grpc
 
@@ -36,11 +38,12 @@ class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
         errors = validate_spec(request)
         if errors:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
-        await self.store.put(keys.workflow(request.name), request.SerializeToString())
-        log.info("workflow_registered", workflow=request.name, nodes=len(request.nodes))
-        per_model = Counter(node.model for node in request.nodes)
+        spec = optimise(request)
+        await self.store.put(keys.workflow(spec.name), spec.SerializeToString())
+        log.info("workflow_registered", workflow=spec.name, nodes=len(spec.nodes), given=len(request.nodes))
+        per_model = Counter(node.model for node in spec.nodes)
         return compiler_pb2.RegisterWorkflowReply(
-            name=request.name, node_count=len(request.nodes), nodes_per_model=dict(per_model)
+            name=spec.name, node_count=len(spec.nodes), nodes_per_model=dict(per_model)
         )
 
     async def GetWorkflow(

@@ -186,7 +186,18 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
         written = 0
         async for chunk in request_iterator:
             if entry is None:
-                entry = await self._reserve(chunk.header, chunk.consumers, context)
+                try:
+                    entry = self.store.reserve(self._here(chunk.header), chunk.consumers)
+                except (ArenaFull, ValueError) as error:
+                    # Read the rest before answering: a status sent while the client is still
+                    # streaming reaches it as a broken stream, not as the status.
+                    async for _ in request_iterator:
+                        pass
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                    if not isinstance(error, ArenaFull):
+                        code = grpc.StatusCode.INVALID_ARGUMENT
+                    await context.abort(code, f"tensor {chunk.header.tensor_id}: {error}")
+                    raise AssertionError("unreachable: abort raises") from error
             if written + len(chunk.data) <= entry.handle.nbytes:
                 self.arena.view(entry.offset + written, len(chunk.data))[:] = chunk.data
             written += len(chunk.data)

@@ -14,6 +14,7 @@ from lego_worker.backend import Item, Outputs, PatchSet
 
 VAE_SCALE_FACTOR = 8  # every profiled family's VAE
 TEXT_TOKENS, TEXT_HIDDEN = 77, 768
+BUILTIN = "builtin:"  # models without weights or a profile (the image preprocessor)
 
 
 def pixels_of(item: Item) -> int:
@@ -28,17 +29,47 @@ def pixels_of(item: Item) -> int:
 
 
 def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
+    if op == "text_encoder" and mode == "encode_pooled":
+        return {
+            "embeddings": np.zeros((1, TEXT_TOKENS, 2048), dtype=np.float16),
+            "pooled": np.zeros((1, 1280), dtype=np.float16),
+        }
     if op == "text_encoder":
         return {"embeddings": np.zeros((1, TEXT_TOKENS, TEXT_HIDDEN), dtype=np.float16)}
-    if op == "unet":
+    if op in ("unet", "transformer"):
         return {"noise_pred": np.zeros_like(item["sample"])}
+    if op == "controlnet" and mode == "residuals_flux":
+        zeros = np.zeros((1, 1, 1, 1), dtype=np.float16)
+        return {"block_samples": zeros, "single_block_samples": zeros}
+    if op == "controlnet":
+        return {
+            "down_residuals": np.zeros((1, 1), dtype=np.float16),
+            "mid_residual": np.zeros_like(item["sample"]),
+        }
+    if op == "image":
+        size = (int(item.get("height", 512)), int(item.get("width", 512)))
+        name = "control_image" if mode == "load_control" else "pixels"
+        return {name: np.zeros((1, 3, *size), dtype=np.float16)}
+    if op == "vae" and mode in ("encode", "encode_control"):
+        _, _, height, width = np.shape(item["pixels"])
+        shape = (1, 8, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
+        scaling = np.array([[0.18215, 0.0, 0.0]], dtype=np.float64)
+        return {"latent_dist": np.zeros(shape, dtype=np.float16), "latent_scaling": scaling}
+    if op == "vae" and mode == "decode_packed":
+        return {"image": np.zeros((1, int(item["height"]), int(item["width"]), 3), dtype=np.uint8)}
     if op == "vae" and mode == "decode":
         _, _, height, width = np.shape(item["latents"])
         return {
             "image": np.zeros((1, height * VAE_SCALE_FACTOR, width * VAE_SCALE_FACTOR, 3), dtype=np.uint8)
         }
     if op == "noise_scheduler":
-        if mode == "init":
+        if mode in ("init_flow", "init_flow_control", "init_flow_from_image"):  # packed 2x2 patches
+            side = 2 * int(item["vae_scale_factor"])
+            patches = (int(item["height"]) // side) * (int(item["width"]) // side)
+            latents = np.zeros((1, patches, 4 * int(item["latent_channels"])), dtype=np.float32)
+        elif mode == "init_from_image":
+            latents = np.zeros_like(np.asarray(item["init_latents"])[:, : int(item["latent_channels"])])
+        elif mode == "init":
             factor = int(item["vae_scale_factor"])
             shape = (
                 1,
@@ -49,7 +80,14 @@ def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
             latents = np.zeros(shape, dtype=np.float32)
         else:
             latents = np.asarray(item["latents"])
-        return {"latents": latents, "model_input": latents, "timestep": np.array(0, dtype=np.int64)}
+        outputs: Outputs = {
+            "latents": latents,
+            "model_input": latents,
+            "timestep": np.array(0, dtype=np.int64),
+        }
+        if mode == "init_flow_control":
+            outputs["control_latents"] = latents
+        return outputs
     raise ValueError(f"the emulated backend cannot run {op}.{mode}")
 
 
@@ -73,17 +111,22 @@ class EmulatedBackend:
         return scaled
 
     def prefetch(self, model_id: str) -> float:
-        if model_id in self._host:
+        if model_id in self._host or model_id.startswith(BUILTIN):
+            self._host.add(model_id)
             return 0.0
         spent = self._wait(self.profiles.for_model(model_id).disk_to_host_s)
         self._host.add(model_id)
         return spent
 
     def footprint(self, model_id: str) -> int:
+        if model_id.startswith(BUILTIN):
+            return 0
         return self.profiles.for_model(model_id).peak_bytes()
 
     def load(self, model_id: str) -> float:
         self.prefetch(model_id)
+        if model_id.startswith(BUILTIN):
+            return 0.0
         return self._wait(self.profiles.for_model(model_id).host_to_device_s)
 
     def unload(self, model_id: str) -> None:
@@ -94,6 +137,8 @@ class EmulatedBackend:
 
     def execution_s(self, op: str, model_id: str, mode: str, items: list[Item]) -> float:
         """Profiled seconds for this batch at real time (before the time scale)."""
+        if model_id.startswith(BUILTIN):
+            return 0.0  # image preprocessing: host work, no GPU profile
         profile_mode = PROFILE_MODES.get((op, mode))
         if profile_mode is None:
             raise ValueError(f"the emulated backend cannot run {op}.{mode}")

@@ -13,6 +13,11 @@ from typing import Any
 from lego_worker.backend import PatchSet
 
 
+def lora_prefix(model: Any) -> str:
+    """The key prefix of a denoiser's layers in a diffusers LoRA file: `unet.` or `transformer.`."""
+    return "transformer" if "Transformer" in type(model).__name__ else "unet"
+
+
 def adapter_name(source: str) -> str:
     return "lora_" + hashlib.sha256(source.encode()).hexdigest()[:16]
 
@@ -35,7 +40,7 @@ class PatchState:
                 path = Path(source)
                 if not path.exists():
                     raise FileNotFoundError(f"LoRA {source} does not exist")
-                model.load_lora_adapter(str(path), prefix="unet", adapter_name=name)
+                model.load_lora_adapter(str(path), prefix=lora_prefix(model), adapter_name=name)
                 loaded.add(name)
         if patches:
             model.enable_lora()

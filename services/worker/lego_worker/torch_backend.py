@@ -69,7 +69,7 @@ class TorchBackend:
         model = self._host[model_id]
         key = (op, mode)
         if key in ops.BATCHED_OPS:
-            if op == "unet":
+            if op in ("unet", "transformer"):  # LoRA patches a denoiser
                 self._patches.apply(model, patches)
             elif patches:
                 raise ValueError(f"patches apply to denoisers only, not {op}")

@@ -1,0 +1,101 @@
+"""Images in requests (a `data:` URI with base64 PNG/JPEG bytes, or a local path) and the operators
+that turn them into tensors: `image.load` (VAE-encoder input in [-1, 1], as diffusers' img2img
+pipelines preprocess it) and `image.load_control` (a ControlNet's conditioning image in [0, 1],
+resized to the request's size, as diffusers' ControlNet pipelines preprocess it); `vae.encode`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from lego_worker.backend import Item, Outputs
+from lego_worker.batch_io import concat, split, uniform
+
+VAE_SCALE_FACTOR = 8  # every supported family's VAE
+
+
+def decode_image(value: str) -> PIL.Image.Image:
+    """A request's image: `data:image/png;base64,...` or a path to a file on the worker."""
+    if value.startswith("data:"):
+        _, _, payload = value.partition(",")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except binascii.Error as error:
+            raise ValueError(f"image: malformed base64 data URI ({error})") from None
+        source: io.BytesIO | Path = io.BytesIO(data)
+    else:
+        source = Path(value)
+        if not source.is_file():
+            raise ValueError(f"image: {value[:80]!r} is neither a data: URI nor an existing file")
+    with PIL.Image.open(source) as image:
+        return image.convert("RGB")
+
+
+def encode_data_uri(pixels: np.ndarray) -> str:
+    """uint8 (H, W, 3) pixels as a PNG data URI (for requests and tests)."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_load(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+    processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE_FACTOR)
+    return [
+        {"pixels": processor.preprocess(decode_image(item["image"])).numpy().astype(np.float32)}
+        for item in items
+    ]
+
+
+def image_load_resized(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+    processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE_FACTOR)
+    outputs = []
+    for item in items:
+        pixels = processor.preprocess(
+            decode_image(item["image"]), height=int(item["height"]), width=int(item["width"])
+        )
+        outputs.append({"pixels": pixels.numpy().astype(np.float32)})
+    return outputs
+
+
+def image_load_control(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+    processor = VaeImageProcessor(vae_scale_factor=VAE_SCALE_FACTOR, do_convert_rgb=True, do_normalize=False)
+    outputs = []
+    for item in items:
+        image = decode_image(item["image"])
+        pixels = processor.preprocess(image, height=int(item["height"]), width=int(item["width"]))
+        outputs.append({"control_image": pixels.to(dtype=torch.float32).numpy()})
+    return outputs
+
+
+def vae_encode_control(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+    """As `vae_encode`, on contiguous pixels (FluxControlNetPipeline's control image)."""
+    return vae_encode(model, items, device, channels_last=False)
+
+
+def vae_encode(
+    model: Any, items: list[Item], device: torch.device, channels_last: bool = True
+) -> list[Outputs]:
+    """The latent distribution's parameters; the noise scheduler samples it with the request's seed."""
+    if not uniform(items, "pixels"):
+        return [vae_encode(model, [item], device, channels_last)[0] for item in items]
+    # channels-last, as diffusers' VaeImageProcessor.preprocess lays images out (a transposed view):
+    # the encoder's convolutions take another path, and round differently, on contiguous input
+    pixels = concat(items, "pixels", device)
+    if channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        parameters = model.encode(pixels).latent_dist.parameters
+    sizes = [int(np.shape(item["pixels"])[0]) for item in items]
+    shift = getattr(model.config, "shift_factor", None)
+    scaling = np.array(
+        [[model.config.scaling_factor, shift or 0.0, float(shift is not None)]], dtype=np.float64
+    )
+    return [{"latent_dist": p, "latent_scaling": scaling} for p in split(parameters, sizes)]
