@@ -110,10 +110,11 @@ class ServiceProcess:
     name: str
     process: subprocess.Popen[bytes]
     address: str
+    metrics: str = ""  # host:port of its Prometheus /metrics, when served
 
 
-def _read_address(process: subprocess.Popen[bytes], name: str, timeout_s: float) -> str:
-    """Services print one JSON line with their address once they serve."""
+def _read_address(process: subprocess.Popen[bytes], name: str, timeout_s: float) -> dict[str, str]:
+    """Services print one JSON line with their address (and metrics address) once they serve."""
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
     os.set_blocking(process.stdout.fileno(), False)
@@ -124,7 +125,7 @@ def _read_address(process: subprocess.Popen[bytes], name: str, timeout_s: float)
             buffer += chunk
             if b"\n" in buffer:
                 line = buffer.split(b"\n", 1)[0]
-                return str(json.loads(line)["address"])
+                return {str(k): str(v) for k, v in json.loads(line).items()}
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with code {process.returncode} before serving")
         time.sleep(0.05)
@@ -144,7 +145,9 @@ class ProcessCluster:
         worker_args: tuple[str, ...] = (),
         coordinator_args: tuple[str, ...] = (),
         coordinators: int = 1,
+        metrics: bool = False,
     ) -> None:
+        self.metrics = metrics  # every service serves Prometheus /metrics on a free port
         self.coordinator_args = coordinator_args  # e.g. ("--policy", "static")
         self.coordinators = coordinators  # more than one: standbys take over when the leader dies
         self.worker_args = worker_args  # e.g. ("--backend", "emulated", "--time-scale", "10")
@@ -155,32 +158,31 @@ class ProcessCluster:
         self.log_file = log_file
         self.processes: list[ServiceProcess] = []
         self.gateway_address = ""
+        self.dataengine_address = ""
+        self.draining: list[ServiceProcess] = []  # workers sent SIGTERM: they drain, then exit
+        self._next_worker = 0
 
     def _spawn(self, name: str, module: str, *args: str) -> ServiceProcess:
         command = [sys.executable, "-m", module, "--store", self.store_url, *args]
+        if self.metrics:
+            command += ["--metrics-port", "0"]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log_file or sys.stderr)
         entry = ServiceProcess(name, process, "")
         self.processes.append(entry)
-        entry.address = _read_address(process, name, STARTUP_TIMEOUT_S)
+        line = _read_address(process, name, STARTUP_TIMEOUT_S)
+        entry.address, entry.metrics = line["address"], line.get("metrics", "")
         return entry
 
     def start(self) -> ProcessCluster:
         try:
             engine = self._spawn("dataengine", "lego_dataengine")
+            self.dataengine_address = engine.address
             compiler_process = self._spawn("compiler", "lego_compiler")
             coordinator_process = self._spawn("coordinator", "lego_coordinator", *self.coordinator_args)
             for index in range(1, self.coordinators):
                 self._spawn(f"coordinator-{index}", "lego_coordinator", *self.coordinator_args)
-            for index in range(self.workers):
-                self._spawn(
-                    f"worker-{index}",
-                    "lego_worker",
-                    "--dataengine",
-                    engine.address,
-                    "--worker-id",
-                    f"worker-{index}",
-                    *self.worker_args,
-                )
+            for _ in range(self.workers):
+                self._spawn_worker()
             gateway_args = ["--port", str(self.grpc_port)]
             if self.http_port is not None:
                 gateway_args += ["--http-port", str(self.http_port)]
@@ -194,6 +196,37 @@ class ProcessCluster:
     async def _prepare(self, compiler_address: str, coordinator_address: str) -> None:
         await register_builtin_workflows(compiler_address)
         await wait_for_workers(coordinator_address, self.workers)
+
+    def _spawn_worker(self) -> ServiceProcess:
+        name = f"worker-{self._next_worker}"
+        self._next_worker += 1
+        args = ("--dataengine", self.dataengine_address, "--worker-id", name, *self.worker_args)
+        return self._spawn(name, "lego_worker", *args)
+
+    def worker_processes(self) -> list[ServiceProcess]:
+        """Serving workers, oldest first (draining ones excluded)."""
+        return [p for p in self.processes if p.name.startswith("worker-") and p not in self.draining]
+
+    def scale_workers(self, count: int) -> None:
+        """Start workers up to `count`, or drain the newest ones down to it (SIGTERM: each takes no
+        new work, finishes what it holds, unloads its models, leaves the store, then exits)."""
+        workers = self.worker_processes()
+        for _ in range(count - len(workers)):
+            self._spawn_worker()
+        for entry in workers[max(0, count) :]:
+            entry.process.send_signal(signal.SIGTERM)
+            self.draining.append(entry)
+        self.workers = max(0, count)
+
+    def reap(self) -> list[str]:
+        """Forget drained workers that have exited; the names of those that exited with an error."""
+        failed = []
+        for entry in [e for e in self.draining if e.process.poll() is not None]:
+            self.draining.remove(entry)
+            self.processes.remove(entry)
+            if entry.process.returncode != 0:
+                failed.append(entry.name)
+        return failed
 
     def stop(self, timeout_s: float = 10.0) -> None:
         for entry in reversed(self.processes):

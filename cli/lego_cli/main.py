@@ -23,7 +23,7 @@ from lego_coordinator.__main__ import add_policy_flags, config_from
 from lego_worker.__main__ import add_backend_flags
 from lego_worker.agent import WorkerConfig
 
-from lego_cli import workflows_cli
+from lego_cli import scaling, workflows_cli
 from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -152,17 +152,28 @@ def _up_processes(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    desired: scaling.DesiredWorkers | None = None
     try:
         cluster.start()
+        desired = scaling.DesiredWorkers(args.store, args.workers)  # `lego scale-workers N` sets it
         http = f"127.0.0.1:{args.http_port}" if args.http_port is not None else ""
         _announce(cluster.gateway_address, http, args)
         while not stopping:
+            failed = cluster.reap()
             exited = [p.name for p in cluster.processes if p.process.poll() is not None]
+            exited = [name for name in exited if name not in {d.name for d in cluster.draining}]
             if exited:
                 print(f"error: {', '.join(exited)} exited; stopping the cluster", file=sys.stderr)
                 return 1
+            if failed:
+                print(f"warning: {', '.join(failed)} did not drain cleanly", file=sys.stderr)
+            count = desired.get()
+            if count is not None and count != len(cluster.worker_processes()):
+                cluster.scale_workers(count)
             time.sleep(0.2)
     finally:
+        if desired is not None:
+            desired.close()
         cluster.stop()
     return 0
 
@@ -229,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--gateway", default=DEFAULT_GATEWAY)
 
     workflows_cli.configure(commands.add_parser("workflows", help="list, compile or register workflows"))
+    scaling.configure(
+        commands.add_parser("scale-workers", help="grow or shrink a running `lego up --store etcd://…`")
+    )
 
     bench = commands.add_parser("bench", help="benchmarks that print JSON figures")
     benchmarks = bench.add_subparsers(dest="benchmark", required=True)
@@ -255,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "scale-workers":
+            return scaling.run(args)
         if args.command == "bench":
             result: int = import_module(BENCHMARKS[args.benchmark]).run(args)
             return result

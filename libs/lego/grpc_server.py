@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from lego.metrics import GRPC_REQUESTS
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -18,6 +21,18 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.lookahead_bytes", 64 * 1024 * 1024),
     ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
 ]
+
+
+class _CountCalls(grpc.aio.ServerInterceptor):
+    """Counts every call by method (`lego_grpc_requests_total`): the request rate of each service."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        GRPC_REQUESTS.labels(method=handler_call_details.method).inc()
+        return await continuation(handler_call_details)
 
 
 @dataclass
@@ -36,7 +51,7 @@ async def start_server(
     host: str = "127.0.0.1",
     port: int = 0,
 ) -> RunningServer:
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[_CountCalls()])
     add_services(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -47,8 +62,14 @@ async def start_server(
     await server.start()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    display_host = f"[{host}]" if ":" in host else host
-    return RunningServer(server, f"{display_host}:{bound}", health_servicer)
+    return RunningServer(server, f"{advertised_host(host)}:{bound}", health_servicer)
+
+
+def advertised_host(host: str) -> str:
+    """The host others reach this service at: LEGO_ADVERTISE_HOST (a pod's IP, say) when a container
+    binds 0.0.0.0, else the bound host."""
+    shown = os.environ.get("LEGO_ADVERTISE_HOST") or host
+    return f"[{shown}]" if ":" in shown else shown
 
 
 def channel(address: str) -> grpc.aio.Channel:

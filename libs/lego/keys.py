@@ -16,3 +16,7 @@ def workflow(name: str) -> str:
 
 def service(kind: str, instance: str) -> str:
     return f"{SERVICES}{kind}/{instance}"
+
+
+# The worker count a local process cluster (`lego up --store etcd://…`) keeps; `lego scale-workers` sets it.
+DESIRED_WORKERS = "/lego/config/workers"

@@ -8,10 +8,12 @@ import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Protocol
 
 from lego.errors import StoreUnavailable
 from lego.log import configure_logging
+from lego.metrics import serve_metrics
 from lego.store import ClusterStore, open_store
 
 
@@ -30,6 +32,18 @@ def base_parser(name: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="also write the JSON line with the service's address here (container health checks)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on this port (0: any free port; default: off)",
+    )
     return parser
 
 
@@ -40,14 +54,23 @@ async def serve_until_signalled(name: str, start: Starter, args: argparse.Namesp
         print(f"error: {error}", file=sys.stderr)
         return 2
     service = await start(store, args)
+    line = {"service": name, "address": service.address}
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = serve_metrics(name, args.host, args.metrics_port)
+        line["metrics"] = metrics.address
     # One JSON line on stdout says where the service listens (scripts and tests read it).
-    print(json.dumps({"service": name, "address": service.address}), flush=True)
+    print(json.dumps(line), flush=True)
+    if args.ready_file is not None:
+        args.ready_file.write_text(json.dumps(line) + "\n")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await service.stop()
+    if metrics is not None:
+        metrics.stop()
     await store.close()
     return 0
 

@@ -176,6 +176,7 @@ class _Worker:
     last_done_at: float = 0.0
     serving: str | None = None  # monolithic: the request it runs
     preloading: set[str] = field(default_factory=set)
+    draining: bool = False  # scale-down: no new work; it leaves once `drained`
 
 
 def _batch_key(node: TaskNode) -> tuple[str, str, str, tuple[tuple[str, float], ...]]:
@@ -285,6 +286,41 @@ class Scheduler:
         self._ready = {e for e in self._ready if e[0] != request.request_id}
         self._init_readiness(request)
 
+    # ---- draining (scale-down without failing a request) ----
+
+    def drain_worker(self, worker_id: str) -> None:
+        """The worker takes no new work. Its batches in flight finish, and the noise-scheduler nodes of
+        requests whose state it holds (or, monolithic, the request it runs) still go to it until those
+        requests finish, so nothing is replayed; then `drained` is true and the shell lets it leave."""
+        worker = self._workers.get(worker_id)
+        if worker is not None and not worker.draining:
+            worker.draining = True
+            self._plan = {}
+
+    def drained(self, worker_id: str) -> bool:
+        worker = self._workers.get(worker_id)
+        if worker is None or not worker.draining or worker.in_flight:
+            return False
+        serving = self._requests.get(worker.serving) if worker.serving else None
+        if serving is not None and not serving.finished:
+            return False
+        return not any(
+            worker_id in request.state_workers.values()
+            for request in self._requests.values()
+            if not request.finished
+        )
+
+    def draining_workers(self) -> set[str]:
+        return {w.worker_id for w in self._workers.values() if w.draining}
+
+    def _active(self) -> list[_Worker]:
+        return [w for w in self._workers.values() if not w.draining]
+
+    def ready_by_model(self) -> dict[str, int]:
+        """Ready nodes per model: the queue depth that drives worker autoscaling."""
+        counts: Counter[str] = Counter(self._node(entry).model for entry in self._ready)
+        return dict(counts)
+
     def set_loaded(self, worker_id: str, models: list[str]) -> None:
         """What the worker reports resident on its device (after loads and evictions)."""
         worker = self._workers.get(worker_id)
@@ -303,7 +339,7 @@ class Scheduler:
             if not request.finished:
                 pending = [n for n in request.graph.nodes.values() if n.id not in request.done]
                 work += self.costs.work_s(pending) * request.work_ratio
-        return work / max(1, len(self._workers))
+        return work / max(1, len(self._active()))
 
     def admit(
         self, request_id: str, workflow: str, graph: RequestGraph, now: float, slo_s: float | None = None
@@ -315,14 +351,14 @@ class Scheduler:
         deadline = now + slo if (self.enforce_slo or slo_s) else math.inf
         estimate = standalone
         if self.policy == "lego" and self.enforce_slo:
-            if not self._workers:
+            if not self._active():
                 return Admission(False, "no workers are serving", deadline, math.inf, standalone)
             estimate = self._backlog_s() + standalone
             if estimate > ADMISSION_HEADROOM * slo:
                 return Admission(
                     False,
                     f"cannot meet its SLO: estimated {estimate:.3f}s of {slo:.3f}s "
-                    f"({len(self._workers)} workers busy)",
+                    f"({len(self._active())} workers busy)",
                     deadline,
                     estimate,
                     standalone,
@@ -466,7 +502,7 @@ class Scheduler:
         available = [w for w in self._workers.values() if len(w.in_flight) < self.max_in_flight]
         if not available:
             return
-        idle = sum(1 for w in self._workers.values() if not w.in_flight)
+        idle = sum(1 for w in self._active() if not w.in_flight)
         queue = self._ready_queue()
         batches = self._split_for_parallelism(self._form_batches(queue, idle), idle)
         batches.sort(key=lambda batch: self._priority(batch[0]))
@@ -475,7 +511,7 @@ class Scheduler:
                 break
             nodes = [self._node(e) for e in batch]
             request = self._requests[batch[0][0]]
-            candidates = available
+            candidates = [w for w in available if not w.draining]
             if nodes[0].state_key and nodes[0].state_key in request.state_workers:
                 candidates = [
                     w for w in available if w.worker_id == request.state_workers[nodes[0].state_key]
@@ -492,13 +528,16 @@ class Scheduler:
 
     def _preload_hot_models(self, decisions: Decisions) -> None:
         """Scale a model out before its work is ready: when the work admitted but not yet done for it
-        exceeds PRELOAD_BACKLOG_S per replica, an idle worker loads it now (hiding the load time)."""
-        idle = [w for w in self._workers.values() if not w.in_flight]
+        exceeds, per replica, both PRELOAD_BACKLOG_S and its load time (so the load pays off), an idle
+        worker loads it now. One preload per model at a time: replicas grow step by step."""
+        idle = [w for w in self._active() if not w.in_flight]
         for model, pending in sorted(self._pending_s.items(), key=lambda item: -item[1]):
             if not idle or pending <= 0:
                 return
-            replicas = sum(1 for w in self._workers.values() if model in w.loaded or model in w.preloading)
-            if pending / max(1, replicas) < PRELOAD_BACKLOG_S:
+            if any(model in w.preloading for w in self._workers.values()):
+                continue
+            replicas = sum(1 for w in self._active() if model in w.loaded)
+            if pending / max(1, replicas) < max(PRELOAD_BACKLOG_S, self.costs.load_s(model)):
                 continue
             target = next((w for w in idle if model not in w.loaded and model not in w.preloading), None)
             if target is not None:
@@ -539,7 +578,7 @@ class Scheduler:
     # ---- monolithic baselines ----
 
     def _allowed_workers(self, workflow: str, now: float) -> list[_Worker]:
-        workers = sorted(self._workers.values(), key=lambda w: w.index)
+        workers = sorted(self._active(), key=lambda w: w.index)
         if self.policy == "clockwork" or not workers:
             return workers
         if self.policy == "shepherd" and now - self._planned_at >= SHEPHERD_REPLAN_S:

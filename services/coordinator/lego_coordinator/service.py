@@ -37,6 +37,7 @@ from lego.values import Scalar, from_value, to_value
 from lego_coordinator import scheduler as core
 from lego_coordinator.costs import CostModel
 from lego_coordinator.request_log import RequestLog
+from lego_coordinator.telemetry import Telemetry
 
 log = structlog.get_logger("lego.coordinator")
 LEADER_TTL_S = 5.0
@@ -128,6 +129,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._dataengines: dict[str, dataengine_pb2_grpc.DataEngineStub] = {}
         self._streams: dict[str, asyncio.Task[object]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.telemetry = Telemetry()
+        self._leaving: set[str] = set()  # drained workers told to leave
 
     @property
     def leading(self) -> bool:
@@ -140,6 +143,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     # ---- scheduling loop ----
 
     def _publish(self, events: list[core.Event]) -> None:
+        self.telemetry.events(events, time.monotonic())
         for event in events:
             request_log = self.logs.get(event.request_id)
             if request_log is not None:
@@ -157,6 +161,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 preload=coordinator_pb2.PreloadModel(model=preload.model)
             )
             self._outboxes[preload.worker_id].put_nowait(message)
+        self.telemetry.scheduled(self.scheduler, decisions.dispatches)
+        self._dismiss_drained()
 
     async def _workflow(self, name: str) -> compiler_pb2.WorkflowSpec:
         raw = await self.store.get(keys.workflow(name))
@@ -196,12 +202,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             request_id, request.workflow, graph, now, request.slo_ms / 1000 if request.slo_ms else None
         )
         if not admission.accepted:
+            self.telemetry.rejected()
             log.info("request_rejected", request_id=request_id, reason=admission.reason)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request rejected: {admission.reason}")
         self.logs[request_id] = RequestLog(request_id)
+        deadline = admission.deadline - now if admission.deadline != float("inf") else 0.0
+        self.telemetry.admitted(request_id, now, deadline or self.config.slo_factor * admission.standalone_s)
         log.info("request_admitted", request_id=request_id, workflow=request.workflow, nodes=len(graph.nodes))
         self.pump()
-        deadline = admission.deadline - now if admission.deadline != float("inf") else 0.0
         return coordinator_pb2.SubmitReply(
             request_id=request_id,
             node_count=len(graph.nodes),
@@ -269,6 +277,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 address=self._worker_addresses.get(worker_id, ""),
                 busy=busy,
                 loaded_models=loaded,
+                draining=worker_id in self.scheduler.draining_workers(),
             )
         return reply
 
@@ -304,12 +313,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     break
                 if message.WhichOneof("message") == "result":
                     self._on_result(worker_id, message.result)
+                elif message.WhichOneof("message") == "drain":
+                    self._on_drain(worker_id)
         finally:
             await cancel_task(writer)
             if self._outboxes.get(worker_id) is outbox:
                 del self._outboxes[worker_id]
                 self._streams.pop(worker_id, None)
                 self._worker_addresses.pop(worker_id, None)
+                self._leaving.discard(worker_id)
                 self._publish(self.scheduler.remove_worker(worker_id))
                 log.info("worker_left", worker_id=worker_id)
                 self.pump()
@@ -341,6 +353,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if dead:
             self._background(self._free_tensors(dead))
 
+    # ---- draining (scale-down) ----
+
+    def _on_drain(self, worker_id: str) -> None:
+        log.info("worker_draining", worker_id=worker_id)
+        self.scheduler.drain_worker(worker_id)
+        self.pump()
+
+    def _dismiss_drained(self) -> None:
+        """A draining worker with nothing in flight and no request state is told it may leave."""
+        for worker_id in self.scheduler.draining_workers() - self._leaving:
+            outbox = self._outboxes.get(worker_id)
+            if outbox is not None and self.scheduler.drained(worker_id):
+                self._leaving.add(worker_id)
+                log.info("worker_drained", worker_id=worker_id)
+                outbox.put_nowait(coordinator_pb2.CoordinatorMessage(leave=coordinator_pb2.LeaveCluster()))
+
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
@@ -361,6 +389,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 keys.COORDINATOR_LEADER, address.encode(), LEADER_TTL_S
             )
             self.scheduler = build_scheduler(self.config)
+            self._leaving.clear()
             self.epoch = leadership.epoch
             log.info("leader_elected", address=address, epoch=self.epoch)
             ticker = asyncio.create_task(self._tick())

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 import structlog
-from lego import arena_layout, dataplane
+from lego import arena_layout, dataplane, metrics
 from lego.allocator import ArenaFull
 from lego.chunk_wire import encode_data, get_stream, serialize
 from lego.grpc_server import RunningServer, channel, start_server
@@ -63,6 +63,8 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
         if replaced is not None:
             self._drop([replaced])
         self.arena.publish(tensor_id, entry.offset, entry.handle.nbytes)
+        metrics.TENSOR_BYTES.labels(direction="stored").inc(entry.handle.nbytes)
+        metrics.ARENA_USED.set(self.store.allocator.used_bytes)
         return entry
 
     def _drop(self, entries: list[Entry]) -> None:
@@ -74,6 +76,7 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
                 by_peer.setdefault(peer, []).append(entry.handle.tensor_id)
         for peer, tensor_ids in by_peer.items():
             self._spawn(self._free_replicas(peer, tensor_ids))
+        metrics.ARENA_USED.set(self.store.allocator.used_bytes)
 
     async def _free_replicas(self, peer: str, tensor_ids: list[str]) -> None:
         try:
@@ -125,6 +128,7 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
             self.store.abort(handle.tensor_id)
             raise failures[0]
         self.bytes_pulled += handle.nbytes
+        metrics.TENSOR_BYTES.labels(direction="pulled").inc(handle.nbytes)
         try:
             return self._commit(handle.tensor_id)
         except KeyError as error:  # freed while it was being pulled
@@ -239,6 +243,7 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
                 else min(entry.handle.nbytes, start + request.length)
             )
             data = self.arena.view(entry.offset + start, end - start)
+            metrics.TENSOR_BYTES.labels(direction="served").inc(end - start)
             for offset in range(0, len(data), self.chunk_bytes):
                 yield encode_data(data[offset : offset + self.chunk_bytes])
         finally:

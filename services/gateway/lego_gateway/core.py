@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import structlog
-from lego import dataplane, keys
+from lego import dataplane, keys, metrics
 from lego.grpc_server import channel
 from lego.store import ClusterStore, wait_for_key, wait_for_prefix
 from lego.v1 import (
@@ -116,6 +116,8 @@ class GatewayCore:
             latency = time.perf_counter() - started
             self._background(self._release(request_id))  # off the answer's path
             log.info("request_answered", latency_s=round(latency, 4), nodes=done.nodes_executed)
+            metrics.REQUESTS.labels(outcome="ok").inc()
+            metrics.REQUEST_LATENCY.observe(latency)
             return GenerateResult(
                 request_id,
                 png,
@@ -126,6 +128,9 @@ class GatewayCore:
                 done.execution_s,
                 slo_s,
             )
+        except GatewayError as error:
+            metrics.REQUESTS.labels(outcome=error.code.name.lower()).inc()
+            raise
         finally:
             structlog.contextvars.unbind_contextvars("request_id")
 

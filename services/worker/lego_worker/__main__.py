@@ -4,10 +4,25 @@ from pathlib import Path
 from lego.service_main import base_parser, run_service
 from lego.store import ClusterStore
 
-from lego_worker.agent import WorkerConfig, WorkerService, serve
+from lego_worker.agent import DRAIN_TIMEOUT_S, WorkerConfig, WorkerService, serve
 
 
-async def _start(store: ClusterStore, args: argparse.Namespace) -> WorkerService:
+class DrainOnStop:
+    """SIGTERM/SIGINT (scale-down, `docker stop`, a pod's termination) drains before stopping:
+    no new work, what is here finishes, models are unloaded, the registration is closed."""
+
+    def __init__(self, service: WorkerService, timeout_s: float) -> None:
+        self.service = service
+        self.timeout_s = timeout_s
+        self.address = service.address
+
+    async def stop(self) -> None:
+        if self.timeout_s > 0:
+            await self.service.drain(self.timeout_s)
+        await self.service.stop()
+
+
+async def _start(store: ClusterStore, args: argparse.Namespace) -> DrainOnStop:
     config = WorkerConfig(
         worker_id=args.worker_id,
         device=args.device,
@@ -16,7 +31,8 @@ async def _start(store: ClusterStore, args: argparse.Namespace) -> WorkerService
         time_scale=args.time_scale,
         memory_bytes=int(args.memory_gb * 10**9),
     )
-    return await serve(store, args.dataengine, args.host, args.port, config)
+    service = await serve(store, args.dataengine, args.host, args.port, config)
+    return DrainOnStop(service, args.drain_timeout_s)
 
 
 def add_backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataengine", required=True, help="address of this host's data engine")
     parser.add_argument("--worker-id", default="", help="default: a random id")
     parser.add_argument("--device", default="cpu", help="cpu | cuda:N")
+    parser.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=DRAIN_TIMEOUT_S,
+        help=f"on SIGTERM, wait this long for in-flight work to finish (0: stop at once; "
+        f"default {DRAIN_TIMEOUT_S:.0f})",
+    )
     add_backend_flags(parser)
     return run_service("worker", _start, argv, parser)
 

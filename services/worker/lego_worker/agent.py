@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import psutil
 import structlog
-from lego import dataplane, keys
+from lego import dataplane, keys, metrics
 from lego.device_cache import CacheFull
 from lego.grpc_server import RunningServer, channel, start_server
 from lego.profiles import ProfileSet, default_profile_dir
@@ -34,6 +34,7 @@ log = structlog.get_logger("lego.worker")
 REGISTRATION_TTL_S = 5.0
 RECONNECT_S = 0.5
 EMULATED_DEVICE_BYTES = 80 * 10**9
+DRAIN_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -134,10 +135,14 @@ class WorkerAgent:
         self.queue: asyncio.Queue[coordinator_pb2.TaskBatch] = asyncio.Queue()
         self.epoch = 0  # the newest leader term seen; batches from older leaders are refused
         self._preloads: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self.left = asyncio.Event()  # the coordinator let this draining worker go (or is gone)
+        self._call: Any = None
+        self._write_lock = asyncio.Lock()
 
     async def run(self) -> None:
         """Serve the coordinator forever, reconnecting (to a new leader) when the stream breaks."""
-        while True:
+        while not self.left.is_set():
             try:
                 address = (await wait_for_key(self.store, keys.COORDINATOR_LEADER, 3600)).decode()
                 await self._serve_stream(address)
@@ -145,7 +150,30 @@ class WorkerAgent:
                 raise
             except Exception as error:  # noqa: BLE001 - any stream failure: reconnect
                 log.warning("coordinator_stream_lost", worker_id=self.config.worker_id, error=str(error))
+            if self.draining:  # the coordinator is gone (it re-runs what was here): nothing to wait for
+                self.left.set()
             await asyncio.sleep(RECONNECT_S)
+
+    async def _write(self, call: Any, message: coordinator_pb2.WorkerMessage) -> None:
+        async with self._write_lock:
+            await call.write(message)
+
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """Scale-down: ask the coordinator for no new work, finish what is here, wait to be let go."""
+        self.draining = True
+        if self._call is None:  # not connected to any coordinator: no work is held here
+            self.left.set()
+        else:
+            with contextlib.suppress(Exception):
+                await self._write(
+                    self._call, coordinator_pb2.WorkerMessage(drain=coordinator_pb2.DrainWorker())
+                )
+        try:
+            await asyncio.wait_for(self.left.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("drain_timed_out", worker_id=self.config.worker_id, timeout_s=timeout_s)
+            return False
+        return True
 
     async def _serve_stream(self, coordinator_address: str) -> None:
         async with channel(coordinator_address) as chan:
@@ -161,6 +189,9 @@ class WorkerAgent:
             )
             await call.write(coordinator_pb2.WorkerMessage(hello=hello))
             log.info("worker_connected", worker_id=self.config.worker_id, coordinator=coordinator_address)
+            if self.draining:  # a new leader: it must know too
+                await self._write(call, coordinator_pb2.WorkerMessage(drain=coordinator_pb2.DrainWorker()))
+            self._call = call
             runner = asyncio.create_task(self._run_queue(call))
             try:
                 while True:
@@ -176,7 +207,13 @@ class WorkerAgent:
                         task = asyncio.create_task(self._preload(message.preload.model))
                         self._preloads.add(task)
                         task.add_done_callback(self._preloads.discard)
+                    elif kind == "leave":
+                        log.info("worker_drained", worker_id=self.config.worker_id)
+                        self.left.set()
+                        await call.done_writing()
+                        return
             finally:
+                self._call = None
                 await cancel_task(runner)
 
     async def _preload(self, model: str) -> None:
@@ -192,11 +229,11 @@ class WorkerAgent:
                 stale = coordinator_pb2.BatchResult(
                     batch_id=batch.batch_id, error=f"stale leader: epoch {batch.epoch} < {self.epoch}"
                 )
-                await call.write(coordinator_pb2.WorkerMessage(result=stale))
+                await self._write(call, coordinator_pb2.WorkerMessage(result=stale))
                 continue
             self.epoch = batch.epoch
             result = await self._run_batch(batch)
-            await call.write(coordinator_pb2.WorkerMessage(result=result))
+            await self._write(call, coordinator_pb2.WorkerMessage(result=result))
 
     async def _fetch(self, value: common_pb2.Value) -> Any:
         if value.WhichOneof("kind") == "tensor":
@@ -205,7 +242,12 @@ class WorkerAgent:
 
     async def _run_batch(self, batch: coordinator_pb2.TaskBatch) -> coordinator_pb2.BatchResult:
         result = coordinator_pb2.BatchResult(batch_id=batch.batch_id)
-        structlog.contextvars.bind_contextvars(batch_id=batch.batch_id)
+        request_ids = sorted({task.request_id for task in batch.tasks})
+        # request_id end to end: a batch of one request's nodes logs it; a shared batch lists them all
+        bound = {"batch_id": batch.batch_id, "request_ids": request_ids}
+        if len(request_ids) == 1:
+            bound["request_id"] = request_ids[0]
+        structlog.contextvars.bind_contextvars(**bound)
         try:
             items = []
             for task in batch.tasks:
@@ -226,16 +268,26 @@ class WorkerAgent:
             results = {task.task_id: result.results.add(task_id=task.task_id) for task in batch.tasks}
             for (task, name, _, _), handle in zip(published, handles, strict=True):
                 results[task.task_id].outputs[name].CopyFrom(handle)
+            self._count_batch(batch, result.execution_s)
         except Exception as error:
             log.exception("batch_failed", op=batch.op, model=batch.model)
             del result.results[:]
             result.error = f"{type(error).__name__}: {error}"
         finally:
-            structlog.contextvars.unbind_contextvars("batch_id")
+            structlog.contextvars.unbind_contextvars(*bound)
+        worker_id = self.config.worker_id
         for event in self.executor.drain_events():
             result.model_events.add(model=event.model, kind=event.kind, seconds=event.seconds)
+            metrics.MODEL_EVENTS.labels(worker_id=worker_id, model=event.model, kind=event.kind).inc()
         result.loaded_models.extend(self.executor.cache.resident())
         return result
+
+    def _count_batch(self, batch: coordinator_pb2.TaskBatch, execution_s: float) -> None:
+        worker_id = self.config.worker_id
+        metrics.WORKER_BATCHES.labels(worker_id=worker_id, model=batch.model).inc()
+        metrics.WORKER_BATCH_SIZE.labels(worker_id=worker_id).observe(len(batch.tasks))
+        metrics.WORKER_BUSY.labels(worker_id=worker_id).inc(execution_s)
+        log.debug("batch_done", op=batch.op, model=batch.model, mode=batch.mode, size=len(batch.tasks))
 
 
 class WorkerService:
@@ -245,6 +297,21 @@ class WorkerService:
         self.registration = registration
         self.address = server.address
         self._task = asyncio.create_task(agent.run())
+
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """Graceful scale-down: no new work, finish the queue, unload every model, leave the store."""
+        worker_id = self.agent.config.worker_id
+        metrics.WORKER_DRAINING.labels(worker_id=worker_id).set(1)
+        log.info("worker_draining", worker_id=worker_id)
+        drained = await self.agent.drain(timeout_s)
+        executor = self.agent.executor
+        for model in executor.cache.resident():
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(executor.unload, model)
+        with contextlib.suppress(Exception):
+            await self.registration.close()
+        log.info("worker_left", worker_id=worker_id, drained=drained)
+        return drained
 
     async def stop(self) -> None:
         await cancel_task(self._task)
