@@ -23,7 +23,7 @@ from lego_coordinator.__main__ import add_policy_flags, config_from
 from lego_worker.__main__ import add_backend_flags
 from lego_worker.agent import WorkerConfig
 
-from lego_cli import scaling, workflows_cli
+from lego_cli import scaling, sim, workflows_cli
 from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--gateway", default=DEFAULT_GATEWAY)
 
     workflows_cli.configure(commands.add_parser("workflows", help="list, compile or register workflows"))
+    sim.configure(commands.add_parser("sim", help="simulate a trace on N profiled GPUs under a policy"))
     scaling.configure(
         commands.add_parser("scale-workers", help="grow or shrink a running `lego up --store etcd://…`")
     )
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "scale-workers":
             return scaling.run(args)
+        if args.command == "sim":
+            return sim.run(args)
         if args.command == "bench":
             result: int = import_module(BENCHMARKS[args.benchmark]).run(args)
             return result

@@ -128,25 +128,27 @@ class Simulator:
         costs = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
         self.scheduler = core.Scheduler(costs, policy, enforce_slo=True, slo_factor=slo_factor)
         self.workers = {f"gpu{i}": _SimWorker(f"gpu{i}", DeviceCache(device_bytes)) for i in range(gpus)}
-        models = sorted({n.model for spec in workflows.values() for n in spec.nodes} | self._loop_models())
-        for worker in self.workers.values():
-            if warm:  # as after a warm-up: every model resident where memory allows (LRU otherwise)
-                for model in models:
-                    self._load_s(worker, model)
-                worker.loads = 0
-            self.scheduler.add_worker(worker.worker_id, host="h0", loaded=worker.cache.resident())
+        self.warm = warm
         self._events: list[tuple[float, int, _Submit | _Done]] = []
         self._seq = itertools.count()
         self._dispatched: dict[str, core.Dispatch] = {}
 
-    def _loop_models(self) -> set[str]:
-        """Models named only in attributes (a denoise loop's noise scheduler)."""
-        return {
-            node.attributes["scheduler"]
-            for spec in self.workflows.values()
-            for node in spec.nodes
-            if "scheduler" in node.attributes
-        }
+    def _start_workers(self, arrivals: list[Arrival]) -> None:
+        """With `warm`, as after a warm-up: every model the trace's requests use is resident on every
+        worker where memory allows (LRU otherwise)."""
+        models: set[str] = set()
+        for name in {a.workflow for a in arrivals}:
+            example = next(a for a in arrivals if a.workflow == name)
+            spec = self.workflows[name]
+            models |= {
+                n.model for n in instantiate(spec, resolve_inputs(spec, example.inputs)).nodes.values()
+            }
+        for worker in self.workers.values():
+            if self.warm:
+                for model in sorted(models):
+                    self._load_s(worker, model)
+                worker.loads = 0
+            self.scheduler.add_worker(worker.worker_id, host="h0", loaded=worker.cache.resident())
 
     # ---- the model of a worker ----
 
@@ -198,6 +200,7 @@ class Simulator:
 
     def run(self, arrivals: list[Arrival]) -> SimulationResult:
         outcomes: dict[str, _Outcome] = {}
+        self._start_workers(arrivals)
         for index, arrival in enumerate(arrivals):
             self._push(arrival.time_s, _Submit(f"r{index}", arrival))
         now = 0.0

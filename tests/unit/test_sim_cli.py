@@ -1,0 +1,37 @@
+"""`lego sim`: a trace replayed in simulated time, per policy, with the figures the bench reports."""
+
+import argparse
+import json
+from pathlib import Path
+
+from lego_cli import sim
+
+TRACE = (
+    Path(__file__).resolve().parents[2]
+    / "traces/alibaba-katz-window/generated_trace_n3_rs0.5_st50000_t120_seed666.txt"
+)
+
+
+def test_sim_reports_attainment_per_policy_and_the_capacity_bound(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    sim.configure(parser)
+    out = tmp_path / "sim.json"
+    args = parser.parse_args(
+        ["--trace", str(TRACE), "--policy", "lego,static", "--gpus", "8", "--rs", "0.5,1", "--json", str(out)]
+    )
+    assert sim.run(args) == 0
+    figures = json.loads(out.read_text())
+    assert [(r["policy"], r["rs"]) for r in figures["runs"]] == [
+        ("lego", 0.5),
+        ("lego", 1.0),
+        ("static", 0.5),
+        ("static", 1.0),
+    ]
+    for run in figures["runs"]:
+        assert {"slo_attainment", "requests", "rejected", "p50_s", "p99_s", "gpu_seconds"} <= set(run)
+        assert run["requests"] == 44
+        assert run["slo_attainment"] == 1.0  # 0.2 requests/s on 8 GPUs: far below capacity
+    assert figures["max_rs_at_90"] == {"lego": 1.0, "static": 1.0}
+    # the capacity bound: the rate multiple at which offered work equals 8 GPUs
+    assert figures["capacity_rs"] > 1.0
+    assert set(figures["standalone_s"]) == {"A", "B", "C"}
