@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ def reference_image(
     guidance_scale: float,
     height: int = 128,
     width: int = 128,
+    lora_dir: Path | None = None,
 ) -> np.ndarray:
     parts = build_tiny_sd15(0)
     pipe = StableDiffusionPipeline(
@@ -32,6 +34,8 @@ def reference_image(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(str(lora_dir))  # diffusers' own LoRA loading
     images = pipe(
         prompt,
         negative_prompt=negative_prompt,

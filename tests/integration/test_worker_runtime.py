@@ -8,8 +8,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionPipeline
 from lego.builtin_workflows import TINY_SD15_TXT2IMG, sd15_txt2img
 from lego.grpc_server import channel
 from lego.v1 import common_pb2, compiler_pb2_grpc, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -17,7 +15,7 @@ from lego.values import Scalar, to_values
 from lego.workflow import LoRA
 from lego_cli.cluster import EmbeddedCluster
 from lego_worker.agent import WorkerConfig
-from lego_worker.presets import build_tiny_sd15, make_tiny_lora
+from lego_worker.presets import make_tiny_lora
 
 from tests.pipeline_reference import decode_png, reference_image
 
@@ -46,36 +44,9 @@ async def worker_status(cluster: EmbeddedCluster, index: int = 0) -> worker_pb2.
         return status
 
 
-def lora_reference(lora_dir: Path, **settings: Scalar) -> np.ndarray:
-    parts = build_tiny_sd15(0)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=parts.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(lora_dir))  # diffusers' own LoRA loading
-    images = pipe(
-        str(settings["prompt"]),
-        negative_prompt=str(settings["negative_prompt"]),
-        num_inference_steps=int(settings["steps"]),
-        guidance_scale=7.5,
-        height=128,
-        width=128,
-        generator=torch.Generator().manual_seed(int(settings["seed"])),
-        output_type="np",
-    ).images
-    return (images[0] * 255).round().astype("uint8")
-
-
 async def test_lora_switches_on_and_off_on_one_shared_unet_exactly_as_diffusers(tmp_path: Path) -> None:
     lora_file = make_tiny_lora(tmp_path / "lora", seed=3)
-    with_lora = lora_reference(tmp_path / "lora", **SETTINGS)
+    with_lora = reference_image(str(SETTINGS["prompt"]), "", 7, 4, 7.5, lora_dir=tmp_path / "lora")
     without = reference_image(str(SETTINGS["prompt"]), "", 7, 4, 7.5)
     assert not np.array_equal(with_lora, without), "the LoRA must change the image for this test to mean much"
 
