@@ -138,9 +138,11 @@ class DataPlane:
         if arena is None:
             return await get_array(self._stub, handle)
         found = arena_layout.lookup(arena, handle.tensor_id)
-        if found is None or found[1] != handle.nbytes:
+        if found is None or found[1] != handle.nbytes or not handle.dtype:
             placement = await self._stub.Locate(dataengine_pb2.GetTensorRequest(handle=handle))
             found = placement.offset, placement.handle.nbytes
+            if not handle.dtype:  # a pending handle: dtype and shape are known once it arrives
+                handle = placement.handle
         view = np.frombuffer(
             arena, np.dtype(handle.dtype), found[1] // np.dtype(handle.dtype).itemsize, found[0]
         )

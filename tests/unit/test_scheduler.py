@@ -341,3 +341,59 @@ def test_tensors_are_dead_once_their_last_reader_finishes_but_outputs_and_replay
     assert "h:r/vae_3/image" not in dead  # a workflow output: freed when the client has it
     assert "h:r/denoise_loop_2/step0/cond/noise_pred" not in dead  # kept to rebuild scheduler state
     assert scheduler.take_dead_tensors() == []
+
+
+# ---- deferred inputs (ControlNet residuals) ----
+
+
+def controlnet_graph():  # type: ignore[no-untyped-def]
+    from lego.builtin_workflows import sd15_controlnet
+
+    spec = sd15_controlnet("cn", "tiny-sd15", default_size=128)
+    return instantiate(spec, resolve_inputs(spec, {"prompt": "p", "steps": 1, "control_image": "a.png"}))
+
+
+def test_a_denoiser_starts_beside_its_running_controlnet_with_pending_residuals() -> None:
+    from lego_coordinator.scheduler import Pending
+
+    scheduler = make(workers=4)
+    scheduler.admit("r", "cn", controlnet_graph(), 0.0)
+    started: dict[str, Dispatch] = {}
+    for _ in range(4):  # complete everything but ControlNets: they stay running
+        for dispatch in scheduler.schedule(0.0).dispatches:
+            for task in dispatch.tasks:
+                started[task.node.id] = dispatch
+            if dispatch.op != "controlnet":
+                scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
+    controlnet = started["denoise_loop_3/step0/cond/controlnet"]
+    denoiser = started["denoise_loop_3/step0/cond"]  # dispatched although its residuals are not made yet
+    assert controlnet.batch_id in scheduler._in_flight  # still running
+    task = next(t for t in denoiser.tasks if t.node.id == "denoise_loop_3/step0/cond")
+    assert task.inputs["down_residuals"] == Pending("r/denoise_loop_3/step0/cond/controlnet/down_residuals")
+    assert denoiser.worker_id != controlnet.worker_id  # side by side on another (idle) worker
+    # the ControlNets report after their denoisers: the request still completes exactly once
+    events: list = []
+    for dispatch in {d.batch_id: d for d in started.values() if d.op == "controlnet"}.values():
+        events += scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
+    more, _ = drain(scheduler)
+    assert len([e for e in events + more if isinstance(e, RequestDone)]) == 1
+
+
+def test_a_requeued_controlnet_makes_its_undispatched_denoiser_wait_again() -> None:
+    scheduler = make(workers=1)
+    scheduler.admit("r", "cn", controlnet_graph(), 0.0)
+    for _ in range(6):
+        decisions = scheduler.schedule(0.0)
+        running = [d for d in decisions.dispatches if d.op == "controlnet"]
+        for dispatch in decisions.dispatches:
+            if dispatch.op != "controlnet":
+                scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
+        if running:
+            break
+    scheduler.remove_worker("w0")  # the ControlNet goes back to the queue
+    scheduler.add_worker("w1", host="h0")
+    events, dispatched = drain(scheduler)
+    ops = [d.op for d in dispatched]
+    # the lost noise-scheduler state is replayed, then the ControlNets run again before their denoisers
+    assert ops[:3] == ["noise_scheduler", "controlnet", "unet"]
+    assert len([e for e in events if isinstance(e, RequestDone)]) == 1

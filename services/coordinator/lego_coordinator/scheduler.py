@@ -50,6 +50,13 @@ class Tensor:
 
 
 @dataclass(frozen=True)
+class Pending:
+    """A deferred input whose producer is running: the consumer waits for it on the data engine."""
+
+    tensor_id: str
+
+
+@dataclass(frozen=True)
 class NodeStarted:
     request_id: str
     node_id: str
@@ -139,8 +146,11 @@ class _Request:
     deadline: float
     standalone_s: float
     remaining: dict[str, int]
-    successors: dict[str, list[str]]
+    successors: dict[str, list[str]]  # released when this node finishes
     produced: dict[Ref, Tensor] = field(default_factory=dict)
+    # released when this node is dispatched: consumers reading all its outputs as deferred inputs
+    early_successors: dict[str, list[str]] = field(default_factory=dict)
+    placed_on: dict[str, str] = field(default_factory=dict)  # node → worker it was last dispatched to
     done: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)
     state_workers: dict[str, str] = field(default_factory=dict)
@@ -235,6 +245,7 @@ class Scheduler:
         if worker is None:
             return []
         self._plan = {}
+        requeued: list[tuple[_Request, str]] = []
         for batch_id in worker.in_flight:
             dispatch = self._in_flight.pop(batch_id)
             for task in dispatch.tasks:
@@ -244,6 +255,12 @@ class Scheduler:
                     if task.node.id in request.replay:
                         continue  # re-queued with the rest of the replay below
                     self._ready.add((task.request_id, task.node.id))
+                    requeued.append((request, task.node.id))
+        for request, producer in requeued:  # not dispatched any more: its deferred consumers wait again
+            for consumer in request.early_successors[producer]:
+                if consumer not in request.running and consumer not in request.done:
+                    request.remaining[consumer] += 1
+                    self._ready.discard((request.request_id, consumer))
         for request in self._requests.values():
             if request.finished:
                 continue
@@ -376,11 +393,14 @@ class Scheduler:
     def _init_readiness(self, request: _Request) -> None:
         request.remaining = {}
         request.successors = {node_id: [] for node_id in request.graph.nodes}
+        request.early_successors = {node_id: [] for node_id in request.graph.nodes}
         for node in request.graph.nodes.values():
-            producers = {v.node for v in node.inputs.values() if isinstance(v, Ref)}
+            refs = [(name, v) for name, v in node.inputs.items() if isinstance(v, Ref)]
+            producers = {v.node for _, v in refs}
             request.remaining[node.id] = len(producers)
             for producer in producers:
-                request.successors[producer].append(node.id)
+                deferred = all(name in node.deferred for name, v in refs if v.node == producer)
+                (request.early_successors if deferred else request.successors)[producer].append(node.id)
         self._ready.update((request.request_id, n) for n, c in request.remaining.items() if c == 0)
 
     def release(self, request_id: str) -> None:
@@ -516,6 +536,7 @@ class Scheduler:
                 candidates = [
                     w for w in available if w.worker_id == request.state_workers[nodes[0].state_key]
                 ]
+            candidates = self._safe_for_deferred(batch, candidates)
             if not candidates:
                 continue
             worker = min(
@@ -525,6 +546,25 @@ class Scheduler:
             if len(worker.in_flight) >= self.max_in_flight:
                 available.remove(worker)
         self._preload_hot_models(decisions)
+
+    def _safe_for_deferred(self, batch: list[tuple[str, str]], candidates: list[_Worker]) -> list[_Worker]:
+        """Workers a batch may go to without deadlock or a pull of a tensor not yet made: a consumer
+        of a pending deferred input stays on its producer's host (pending handles name no location);
+        a producer never queues behind a consumer already waiting for it."""
+        hosts: set[str] = set()
+        waiting: set[str] = set()
+        for request_id, node_id in batch:
+            request = self._requests[request_id]
+            node = request.graph.nodes[node_id]
+            for value in node.inputs.values():
+                if isinstance(value, Ref) and value not in request.produced:
+                    producer_worker = self._workers.get(request.placed_on.get(value.node, ""))
+                    if producer_worker is not None:
+                        hosts.add(producer_worker.host)
+            waiting |= {
+                request.placed_on[s] for s in request.early_successors[node_id] if s in request.running
+            }
+        return [w for w in candidates if (not hosts or hosts == {w.host}) and w.worker_id not in waiting]
 
     def _preload_hot_models(self, decisions: Decisions) -> None:
         """Scale a model out before its work is ready: when the work admitted but not yet done for it
@@ -556,12 +596,21 @@ class Scheduler:
             node = request.graph.nodes[node_id]
             if node.state_key:
                 request.state_workers.setdefault(node.state_key, worker.worker_id)
-            inputs = {
-                name: request.produced[value].handle if isinstance(value, Ref) else value
-                for name, value in node.inputs.items()
-            }
+            inputs: dict[str, object] = {}
+            for name, value in node.inputs.items():
+                if not isinstance(value, Ref):
+                    inputs[name] = value
+                elif value in request.produced:
+                    inputs[name] = request.produced[value].handle
+                else:  # a deferred input whose producer is running
+                    inputs[name] = Pending(f"{request_id}/{value.node}/{value.output}")
             tasks.append(BatchTask(f"{request_id}/{node_id}", request_id, node, inputs))
             request.running.add(node_id)
+            request.placed_on[node_id] = worker.worker_id
+            for successor in request.early_successors[node_id]:
+                request.remaining[successor] -= 1
+                if request.remaining[successor] == 0:
+                    self._ready.add((request_id, successor))
             decisions.events.append(NodeStarted(request_id, node_id, worker.worker_id))
         dispatch = Dispatch(
             batch_id, worker.worker_id, first.op, first.model, first.mode, tasks, first.patches, now
@@ -683,7 +732,9 @@ class Scheduler:
         for value in node.inputs.values():
             if isinstance(value, Ref) and value in request.readers:
                 request.readers[value] -= 1
-                if request.readers[value] == 0 and value not in request.kept:
+                # (a consumer of a deferred input may report before its producer does: then the
+                # tensor is freed with the request)
+                if request.readers[value] == 0 and value not in request.kept and value in request.produced:
                     self._dead.append(request.produced[value].handle)
 
     def take_dead_tensors(self) -> list[object]:

@@ -68,6 +68,8 @@ def build_scheduler(config: CoordinatorConfig) -> core.Scheduler:
 def _value(value: object) -> common_pb2.Value:
     if isinstance(value, common_pb2.TensorHandle):
         return common_pb2.Value(tensor=value)
+    if isinstance(value, core.Pending):  # no dtype yet: the worker's data engine waits for it
+        return common_pb2.Value(tensor=common_pb2.TensorHandle(tensor_id=value.tensor_id))
     assert isinstance(value, str | int | float | bool)
     return to_value(value)
 
