@@ -134,7 +134,7 @@ class WorkerAgent:
         self.data = dataplane.DataPlane(dataengine_address)
         self.queue: asyncio.Queue[coordinator_pb2.TaskBatch] = asyncio.Queue()
         self.epoch = 0  # the newest leader term seen; batches from older leaders are refused
-        self._preloads: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self.left = asyncio.Event()  # the coordinator let this draining worker go (or is gone)
         self._call: Any = None
@@ -200,13 +200,14 @@ class WorkerAgent:
                         return
                     kind = message.WhichOneof("message")
                     if kind == "batch":
+                        self.prefetch_inputs(message.batch)
                         self.queue.put_nowait(message.batch)
                     elif kind == "release":
                         self.executor.release(message.release.request_id)
                     elif kind == "preload":
                         task = asyncio.create_task(self._preload(message.preload.model))
-                        self._preloads.add(task)
-                        task.add_done_callback(self._preloads.discard)
+                        self._background.add(task)
+                        task.add_done_callback(self._background.discard)
                     elif kind == "leave":
                         log.info("worker_drained", worker_id=self.config.worker_id)
                         self.left.set()
@@ -215,6 +216,16 @@ class WorkerAgent:
             finally:
                 self._call = None
                 await cancel_task(runner)
+
+    def prefetch_inputs(self, batch: coordinator_pb2.TaskBatch) -> None:
+        """Start pulling the batch's remote inputs now, while earlier batches still run here."""
+        for task in batch.tasks:
+            for value in task.inputs.values():
+                handle = value.tensor if value.WhichOneof("kind") == "tensor" else None
+                if handle is not None and any(loc != self.dataengine_address for loc in handle.locations):
+                    work = asyncio.create_task(self.data.prefetch(handle))
+                    self._background.add(work)
+                    work.add_done_callback(self._background.discard)
 
     async def _preload(self, model: str) -> None:
         try:
