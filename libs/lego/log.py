@@ -8,10 +8,11 @@ import sys
 import structlog
 
 
-def _current_stderr(*args: object) -> structlog.PrintLogger:
+def _current_stderr(*args: object) -> structlog.WriteLogger:
     """A logger writing to whatever sys.stderr is now (a test harness may have swapped and closed
-    the stream that was current when logging was configured)."""
-    return structlog.PrintLogger(sys.stderr)
+    the stream that was current when logging was configured). WriteLogger writes each line with its
+    newline in one call, so processes sharing one log file do not interleave within a line."""
+    return structlog.WriteLogger(sys.stderr)
 
 
 def configure_logging(level: str = "info", json: bool = True) -> None:
