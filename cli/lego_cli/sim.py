@@ -1,7 +1,8 @@
 """Simulate a trace against a cluster of N GPUs (profiled H800s) under a scheduling policy.
 
-`lego sim --gpus 8 --trace FILE --family sd15 --policy lego,static --json OUT`. The trace's tenants
-map to the family's three workflows (A: txt2img with CFG, B: ControlNet canny, C: ControlNet depth).
+`lego sim --gpus 8 --trace FILE --family sd15|flux-schnell --policy lego,static --json OUT`. The
+trace's tenants map to the family's three workflows (A: txt2img, B: ControlNet canny, C: ControlNet
+depth).
 `--rs 0.5,1,2` replays the trace at those multiples of its request rate (burst shape kept); with a
 directory as `--trace` every trace file in it is run (its request scale is read from the name).
 The simulator drives the coordinator's own scheduler core (lego_coordinator.simulator).
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lego.builtin_workflows import sd15_controlnet, sd15_txt2img
+from lego.builtin_workflows import flux_txt2img, sd15_controlnet, sd15_txt2img
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.traces import TraceRequest, load_trace, rescale
 from lego.v1 import compiler_pb2
@@ -42,7 +43,29 @@ def _sd15() -> tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dict[str, S
     return workflows, inputs
 
 
-FAMILIES: dict[str, Family] = {"sd15": _sd15}
+def _flux_schnell() -> tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dict[str, Scalar]]]:
+    """FLUX.1-schnell, 4 steps, 1024x1024, with FLUX.1-dev's ControlNets (as in the paper's setup).
+    Unlike the paper's runs it has no CFG branches: FLUX takes its guidance embedded."""
+    source, dev = "black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev"
+    workflows = {
+        "A": flux_txt2img("flux-schnell-txt2img", source, default_steps=4),
+        "B": flux_txt2img(
+            "flux-schnell-canny", source, default_steps=4, controlnet=f"{dev}:controlnet_canny"
+        ),
+        "C": flux_txt2img(
+            "flux-schnell-depth", source, default_steps=4, controlnet=f"{dev}:controlnet_depth"
+        ),
+    }
+    common: dict[str, Scalar] = {"prompt": "a photo"}
+    inputs = {
+        "A": common,
+        "B": {**common, "control_image": "edges.png"},
+        "C": {**common, "control_image": "depth.png"},
+    }
+    return workflows, inputs
+
+
+FAMILIES: dict[str, Family] = {"sd15": _sd15, "flux-schnell": _flux_schnell}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -35,3 +35,15 @@ def test_sim_reports_attainment_per_policy_and_the_capacity_bound(tmp_path: Path
     # the capacity bound: the rate multiple at which offered work equals 8 GPUs
     assert figures["capacity_rs"] > 1.0
     assert set(figures["standalone_s"]) == {"A", "B", "C"}
+
+
+def test_flux_schnell_family_runs_in_the_simulator() -> None:
+    parser = argparse.ArgumentParser()
+    sim.configure(parser)
+    args = parser.parse_args(
+        ["--trace", str(TRACE), "--family", "flux-schnell", "--policy", "lego", "--gpus", "8"]
+    )
+    figures = sim.run_simulation(args)
+    assert figures["family"] == "flux-schnell"
+    assert figures["runs"][0]["requests"] == 44 and figures["runs"][0]["slo_attainment"] == 1.0
+    assert figures["standalone_s"]["B"] > figures["standalone_s"]["A"]  # a ControlNet call per step
