@@ -112,16 +112,16 @@ async def test_sdxl_without_cfg_gives_the_pipelines_image_exactly() -> None:
     assert np.array_equal(image, sdxl_reference(1.0))
 
 
+def flux_components(parts) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """A FLUX pipeline's components from a tiny preset (the ControlNet, if any, is added apart)."""
+    names = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
+    return {name: getattr(parts, name) for name in names}
+
+
 def flux_reference(dev: bool, steps: int, guidance_scale: float) -> np.ndarray:
     parts = build_tiny_flux_dev(0) if dev else build_tiny_flux_schnell(0)
     pipe = FluxPipeline(
-        scheduler=parts.scheduler,
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        text_encoder_2=parts.text_encoder_2,
-        tokenizer_2=parts.tokenizer_2,
-        transformer=parts.transformer,
+        **flux_components(parts),
     )
     pipe.set_progress_bar_config(disable=True)
     images = pipe(
@@ -216,13 +216,7 @@ def _pipeline_with_lora(family: str, lora_dir: Path):  # type: ignore[no-untyped
     else:
         flux = build_tiny_flux_dev(0)
         pipe = FluxPipeline(
-            scheduler=flux.scheduler,
-            vae=flux.vae,
-            text_encoder=flux.text_encoder,
-            tokenizer=flux.tokenizer,
-            text_encoder_2=flux.text_encoder_2,
-            tokenizer_2=flux.tokenizer_2,
-            transformer=flux.transformer,
+            **flux_components(flux),
         )
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(lora_dir))  # diffusers' own LoRA loading
@@ -382,13 +376,7 @@ async def test_flux_controlnet_gives_the_pipelines_image_exactly() -> None:
     assert nodes == 1 + 1 + 1 + 1 + 3 * 3 + 1
     parts = build_tiny_flux_dev(0)
     pipe = FluxControlNetPipeline(
-        scheduler=parts.scheduler,
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        text_encoder_2=parts.text_encoder_2,
-        tokenizer_2=parts.tokenizer_2,
-        transformer=parts.transformer,
+        **flux_components(parts),
         controlnet=build_tiny_flux_controlnet("controlnet_canny", 0),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -424,13 +412,7 @@ async def test_flux_img2img_gives_the_pipelines_image_exactly() -> None:
     assert nodes == 1 + 1 + 1 + 1 + 3 * 2 + 1
     parts = build_tiny_flux_dev(0)
     pipe = FluxImg2ImgPipeline(
-        scheduler=parts.scheduler,
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        text_encoder_2=parts.text_encoder_2,
-        tokenizer_2=parts.tokenizer_2,
-        transformer=parts.transformer,
+        **flux_components(parts),
     )
     pipe.set_progress_bar_config(disable=True)
     images = pipe(
