@@ -65,6 +65,7 @@ class EmbeddedCluster:
     http_port: int | None = None
     coordinator_config: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     worker: worker.WorkerConfig = field(default_factory=worker.WorkerConfig)
+    gateway: gateway.GatewayOptions = field(default_factory=gateway.GatewayOptions)
     store: ClusterStore = field(default_factory=MemoryStore)
     services: list[Stoppable] = field(default_factory=list)
     gateway_address: str = ""
@@ -85,7 +86,8 @@ class EmbeddedCluster:
         for index in range(self.workers):
             config = dataclasses.replace(self.worker, worker_id=f"worker-{index}")
             self.services.append(await worker.serve(self.store, engine.address, config=config))
-        front = await gateway.serve(self.store, port=self.grpc_port, http_port=self.http_port)
+        options = dataclasses.replace(self.gateway, port=self.grpc_port, http_port=self.http_port)
+        front = await gateway.serve(self.store, options)
         self.services.append(front)
         self.gateway_address, self.http_address = front.address, front.http_address
         await register_builtin_workflows(self.compiler_address)

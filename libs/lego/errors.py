@@ -14,3 +14,7 @@ class InvalidRequest(ValueError):
 
 class StoreUnavailable(RuntimeError):
     """The cluster store cannot be reached."""
+
+
+# gRPC trailing metadata naming the field an INVALID_ARGUMENT (or NOT_FOUND) is about.
+FIELD_METADATA = "lego-field"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -50,8 +50,9 @@ async def start_server(
     service_names: list[str],
     host: str = "127.0.0.1",
     port: int = 0,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[_CountCalls()])
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[_CountCalls(), *interceptors])
     add_services(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

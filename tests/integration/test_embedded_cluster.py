@@ -117,14 +117,14 @@ async def test_bad_input_is_invalid_argument_and_the_cluster_keeps_serving(
         assert reply.png.startswith(b"\x89PNG")
 
 
-async def test_unknown_workflow_is_invalid_argument() -> None:
+async def test_unknown_workflow_is_not_found() -> None:
     async with EmbeddedCluster(workers=1) as cluster, channel(cluster.gateway_address) as chan:
         stub = gateway_pb2_grpc.GatewayStub(chan)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(
                 gateway_pb2.GenerateRequest(workflow="nope", inputs=to_values({"prompt": "x"}))
             )
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert "unknown workflow 'nope'" in (caught.value.details() or "")
         assert TINY_SD15_TXT2IMG in (caught.value.details() or "")
 

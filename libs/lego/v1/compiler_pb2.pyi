@@ -442,3 +442,53 @@ class ListWorkflowsReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListWorkflowsReply: _TypeAlias = ListWorkflowsReply  # noqa: Y015
+
+@_typing.final
+class ImportComfyUIRequest(_message.Message):
+    """A ComfyUI API-format workflow, compiled and registered under a name derived from its structure:
+    two prompts that differ only in the values that become request inputs share one workflow.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_JSON_FIELD_NUMBER: _builtins.int
+    workflow_json: _builtins.str
+    """{"<node id>": {"class_type": ..., "inputs": {...}}, ...}"""
+    def __init__(
+        self,
+        *,
+        workflow_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workflow_json", b"workflow_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportComfyUIRequest: _TypeAlias = ImportComfyUIRequest  # noqa: Y015
+
+@_typing.final
+class ImportComfyUIReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    REGISTERED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workflow(self) -> Global___WorkflowSpec:
+        """its input defaults are this prompt's values"""
+
+    @_builtins.property
+    def registered(self) -> Global___RegisterWorkflowReply: ...
+    def __init__(
+        self,
+        *,
+        workflow: Global___WorkflowSpec | None = ...,
+        registered: Global___RegisterWorkflowReply | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["registered", b"registered", "workflow", b"workflow"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["registered", b"registered", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportComfyUIReply: _TypeAlias = ImportComfyUIReply  # noqa: Y015

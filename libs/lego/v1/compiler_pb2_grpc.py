@@ -50,6 +50,11 @@ class CompilerStub:
                 request_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_compiler__pb2.ListWorkflowsReply.FromString,
                 _registered_method=True)
+        self.ImportComfyUI = channel.unary_unary(
+                '/lego.v1.Compiler/ImportComfyUI',
+                request_serializer=lego_dot_v1_dot_compiler__pb2.ImportComfyUIRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_compiler__pb2.ImportComfyUIReply.FromString,
+                _registered_method=True)
 
 
 class CompilerServicer:
@@ -74,6 +79,12 @@ class CompilerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportComfyUI(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CompilerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +102,11 @@ def add_CompilerServicer_to_server(servicer, server):
                     servicer.ListWorkflows,
                     request_deserializer=lego_dot_v1_dot_common__pb2.Empty.FromString,
                     response_serializer=lego_dot_v1_dot_compiler__pb2.ListWorkflowsReply.SerializeToString,
+            ),
+            'ImportComfyUI': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportComfyUI,
+                    request_deserializer=lego_dot_v1_dot_compiler__pb2.ImportComfyUIRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_compiler__pb2.ImportComfyUIReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +190,33 @@ class Compiler:
             '/lego.v1.Compiler/ListWorkflows',
             lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
             lego_dot_v1_dot_compiler__pb2.ListWorkflowsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportComfyUI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Compiler/ImportComfyUI',
+            lego_dot_v1_dot_compiler__pb2.ImportComfyUIRequest.SerializeToString,
+            lego_dot_v1_dot_compiler__pb2.ImportComfyUIReply.FromString,
             options,
             channel_credentials,
             insecure,

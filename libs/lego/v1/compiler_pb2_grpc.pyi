@@ -36,6 +36,7 @@ class CompilerStub:
     """Validates and optimises a workflow, then stores the template in the cluster store."""
     GetWorkflow: _grpc.UnaryUnaryMultiCallable[_compiler_pb2.GetWorkflowRequest, _compiler_pb2.WorkflowSpec]
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _compiler_pb2.ListWorkflowsReply]
+    ImportComfyUI: _grpc.UnaryUnaryMultiCallable[_compiler_pb2.ImportComfyUIRequest, _compiler_pb2.ImportComfyUIReply]
 
 @_typing.type_check_only
 class CompilerAsyncStub(CompilerStub):
@@ -44,6 +45,7 @@ class CompilerAsyncStub(CompilerStub):
     """Validates and optimises a workflow, then stores the template in the cluster store."""
     GetWorkflow: _aio.UnaryUnaryMultiCallable[_compiler_pb2.GetWorkflowRequest, _compiler_pb2.WorkflowSpec]  # type: ignore[assignment]
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _compiler_pb2.ListWorkflowsReply]  # type: ignore[assignment]
+    ImportComfyUI: _aio.UnaryUnaryMultiCallable[_compiler_pb2.ImportComfyUIRequest, _compiler_pb2.ImportComfyUIReply]  # type: ignore[assignment]
 
 class CompilerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -67,5 +69,12 @@ class CompilerServicer(metaclass=_abc_1.ABCMeta):
         request: _common_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_compiler_pb2.ListWorkflowsReply, _abc.Awaitable[_compiler_pb2.ListWorkflowsReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ImportComfyUI(
+        self,
+        request: _compiler_pb2.ImportComfyUIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_compiler_pb2.ImportComfyUIReply, _abc.Awaitable[_compiler_pb2.ImportComfyUIReply]]: ...
 
 def add_CompilerServicer_to_server(servicer: CompilerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

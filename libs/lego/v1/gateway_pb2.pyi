@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from lego.v1 import common_pb2 as _common_pb2
+from lego.v1 import coordinator_pb2 as _coordinator_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -48,11 +49,14 @@ class GenerateRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SLO_MS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     workflow: _builtins.str
     request_id: _builtins.str
     """optional; generated when empty"""
     slo_ms: _builtins.float
     """optional latency objective; 0: the workflow's default"""
+    idempotency_key: _builtins.str
+    """optional; a repeated key returns the first request, not a new one"""
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
     def __init__(
@@ -62,10 +66,11 @@ class GenerateRequest(_message.Message):
         inputs: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
         request_id: _builtins.str = ...,
         slo_ms: _builtins.float = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "request_id", b"request_id", "slo_ms", b"slo_ms", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "inputs", b"inputs", "request_id", b"request_id", "slo_ms", b"slo_ms", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,3 +117,184 @@ class GenerateReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateReply: _TypeAlias = GenerateReply  # noqa: Y015
+
+@_typing.final
+class RequestRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NODE_EVENTS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    node_events: _builtins.bool
+    """Watch: also node started/finished"""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        node_events: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_events", b"node_events", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestRef: _TypeAlias = RequestRef  # noqa: Y015
+
+@_typing.final
+class RequestStatus(_message.Message):
+    """Where a request stands. state: queued | running | done | failed | cancelled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    LATENCY_S_FIELD_NUMBER: _builtins.int
+    SLO_S_FIELD_NUMBER: _builtins.int
+    ESTIMATE_S_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    workflow: _builtins.str
+    state: _builtins.str
+    step: _builtins.int
+    """denoise steps finished so far"""
+    total_steps: _builtins.int
+    latency_s: _builtins.float
+    """seconds from submission to the answer (or to now, while running)"""
+    slo_s: _builtins.float
+    """the latency objective it was admitted with; 0 when none is enforced"""
+    estimate_s: _builtins.float
+    """the coordinator's admission estimate of its latency"""
+    error_code: _builtins.int
+    """a grpc.StatusCode value when failed"""
+    error_message: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        workflow: _builtins.str = ...,
+        state: _builtins.str = ...,
+        step: _builtins.int = ...,
+        total_steps: _builtins.int = ...,
+        latency_s: _builtins.float = ...,
+        slo_s: _builtins.float = ...,
+        estimate_s: _builtins.float = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "estimate_s", b"estimate_s", "latency_s", b"latency_s", "request_id", b"request_id", "slo_s", b"slo_s", "state", b"state", "step", b"step", "total_steps", b"total_steps", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestStatus: _TypeAlias = RequestStatus  # noqa: Y015
+
+@_typing.final
+class ProgressEvent(_message.Message):
+    """One step of a request's progress. kind: queued | admitted | rejected | node_started |
+    node_finished | step | done | failed | cancelled (the last four end the stream, with rejected).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TIME_S_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    kind: _builtins.str
+    time_s: _builtins.float
+    """seconds since the gateway accepted the request"""
+    node_id: _builtins.str
+    worker_id: _builtins.str
+    step: _builtins.int
+    """1-based"""
+    total: _builtins.int
+    code: _builtins.int
+    """failed/rejected/cancelled: a grpc.StatusCode value"""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        time_s: _builtins.float = ...,
+        node_id: _builtins.str = ...,
+        worker_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        total: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "kind", b"kind", "message", b"message", "node_id", b"node_id", "request_id", b"request_id", "step", b"step", "time_s", b"time_s", "total", b"total", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressEvent: _TypeAlias = ProgressEvent  # noqa: Y015
+
+@_typing.final
+class SloWindow(_message.Message):
+    """SLO attainment of the requests this gateway answered in the last window_s seconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_S_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    MET_FIELD_NUMBER: _builtins.int
+    ATTAINMENT_FIELD_NUMBER: _builtins.int
+    window_s: _builtins.float
+    answered: _builtins.int
+    met: _builtins.int
+    """finished within their SLO (requests without an SLO count as met)"""
+    attainment: _builtins.float
+    def __init__(
+        self,
+        *,
+        window_s: _builtins.float = ...,
+        answered: _builtins.int = ...,
+        met: _builtins.int = ...,
+        attainment: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "attainment", b"attainment", "met", b"met", "window_s", b"window_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SloWindow: _TypeAlias = SloWindow  # noqa: Y015
+
+@_typing.final
+class ClusterView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_FIELD_NUMBER: _builtins.int
+    SLO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cluster(self) -> _coordinator_pb2.ClusterStatusReply: ...
+    @_builtins.property
+    def slo(self) -> Global___SloWindow: ...
+    def __init__(
+        self,
+        *,
+        cluster: _coordinator_pb2.ClusterStatusReply | None = ...,
+        slo: Global___SloWindow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "slo", b"slo"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster", "slo", b"slo"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterView: _TypeAlias = ClusterView  # noqa: Y015

@@ -41,10 +41,45 @@ class GatewayStub:
                 request_serializer=lego_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_gateway__pb2.GenerateReply.FromString,
                 _registered_method=True)
+        self.Submit = channel.unary_unary(
+                '/lego.v1.Gateway/Submit',
+                request_serializer=lego_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_gateway__pb2.RequestStatus.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/lego.v1.Gateway/Watch',
+                request_serializer=lego_dot_v1_dot_gateway__pb2.RequestRef.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_gateway__pb2.ProgressEvent.FromString,
+                _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/lego.v1.Gateway/GetStatus',
+                request_serializer=lego_dot_v1_dot_gateway__pb2.RequestRef.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_gateway__pb2.RequestStatus.FromString,
+                _registered_method=True)
+        self.GetResult = channel.unary_unary(
+                '/lego.v1.Gateway/GetResult',
+                request_serializer=lego_dot_v1_dot_gateway__pb2.RequestRef.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_gateway__pb2.GenerateReply.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/lego.v1.Gateway/Cancel',
+                request_serializer=lego_dot_v1_dot_gateway__pb2.RequestRef.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_gateway__pb2.RequestStatus.FromString,
+                _registered_method=True)
         self.ListWorkflows = channel.unary_unary(
                 '/lego.v1.Gateway/ListWorkflows',
                 request_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_compiler__pb2.ListWorkflowsReply.FromString,
+                _registered_method=True)
+        self.RegisterWorkflow = channel.unary_unary(
+                '/lego.v1.Gateway/RegisterWorkflow',
+                request_serializer=lego_dot_v1_dot_compiler__pb2.WorkflowSpec.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_compiler__pb2.RegisterWorkflowReply.FromString,
+                _registered_method=True)
+        self.ClusterStatus = channel.unary_unary(
+                '/lego.v1.Gateway/ClusterStatus',
+                request_serializer=lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_gateway__pb2.ClusterView.FromString,
                 _registered_method=True)
 
 
@@ -58,7 +93,52 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Submit(self, request, context):
+        """Admits a request and returns at once; follow it with Watch, fetch it with GetResult.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Progress of one request, from its first event, until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResult(self, request, context):
+        """Waits for the request to finish and returns its image.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListWorkflows(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterWorkflow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClusterStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,10 +152,45 @@ def add_GatewayServicer_to_server(servicer, server):
                     request_deserializer=lego_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
                     response_serializer=lego_dot_v1_dot_gateway__pb2.GenerateReply.SerializeToString,
             ),
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=lego_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_gateway__pb2.RequestStatus.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=lego_dot_v1_dot_gateway__pb2.RequestRef.FromString,
+                    response_serializer=lego_dot_v1_dot_gateway__pb2.ProgressEvent.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=lego_dot_v1_dot_gateway__pb2.RequestRef.FromString,
+                    response_serializer=lego_dot_v1_dot_gateway__pb2.RequestStatus.SerializeToString,
+            ),
+            'GetResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResult,
+                    request_deserializer=lego_dot_v1_dot_gateway__pb2.RequestRef.FromString,
+                    response_serializer=lego_dot_v1_dot_gateway__pb2.GenerateReply.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=lego_dot_v1_dot_gateway__pb2.RequestRef.FromString,
+                    response_serializer=lego_dot_v1_dot_gateway__pb2.RequestStatus.SerializeToString,
+            ),
             'ListWorkflows': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWorkflows,
                     request_deserializer=lego_dot_v1_dot_common__pb2.Empty.FromString,
                     response_serializer=lego_dot_v1_dot_compiler__pb2.ListWorkflowsReply.SerializeToString,
+            ),
+            'RegisterWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterWorkflow,
+                    request_deserializer=lego_dot_v1_dot_compiler__pb2.WorkflowSpec.FromString,
+                    response_serializer=lego_dot_v1_dot_compiler__pb2.RegisterWorkflowReply.SerializeToString,
+            ),
+            'ClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterStatus,
+                    request_deserializer=lego_dot_v1_dot_common__pb2.Empty.FromString,
+                    response_serializer=lego_dot_v1_dot_gateway__pb2.ClusterView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,6 +231,141 @@ class Gateway:
             _registered_method=True)
 
     @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Gateway/Submit',
+            lego_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
+            lego_dot_v1_dot_gateway__pb2.RequestStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lego.v1.Gateway/Watch',
+            lego_dot_v1_dot_gateway__pb2.RequestRef.SerializeToString,
+            lego_dot_v1_dot_gateway__pb2.ProgressEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Gateway/GetStatus',
+            lego_dot_v1_dot_gateway__pb2.RequestRef.SerializeToString,
+            lego_dot_v1_dot_gateway__pb2.RequestStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Gateway/GetResult',
+            lego_dot_v1_dot_gateway__pb2.RequestRef.SerializeToString,
+            lego_dot_v1_dot_gateway__pb2.GenerateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Gateway/Cancel',
+            lego_dot_v1_dot_gateway__pb2.RequestRef.SerializeToString,
+            lego_dot_v1_dot_gateway__pb2.RequestStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListWorkflows(request,
             target,
             options=(),
@@ -132,6 +382,60 @@ class Gateway:
             '/lego.v1.Gateway/ListWorkflows',
             lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
             lego_dot_v1_dot_compiler__pb2.ListWorkflowsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Gateway/RegisterWorkflow',
+            lego_dot_v1_dot_compiler__pb2.WorkflowSpec.SerializeToString,
+            lego_dot_v1_dot_compiler__pb2.RegisterWorkflowReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lego.v1.Gateway/ClusterStatus',
+            lego_dot_v1_dot_common__pb2.Empty.SerializeToString,
+            lego_dot_v1_dot_gateway__pb2.ClusterView.FromString,
             options,
             channel_credentials,
             insecure,

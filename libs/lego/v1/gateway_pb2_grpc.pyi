@@ -35,14 +35,34 @@ class GatewayStub:
     def __new__(cls, channel: _aio.Channel) -> GatewayAsyncStub: ...
     Generate: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GenerateRequest, _gateway_pb2.GenerateReply]
     """Runs a request to completion and returns the image as PNG."""
+    Submit: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GenerateRequest, _gateway_pb2.RequestStatus]
+    """Admits a request and returns at once; follow it with Watch, fetch it with GetResult."""
+    Watch: _grpc.UnaryStreamMultiCallable[_gateway_pb2.RequestRef, _gateway_pb2.ProgressEvent]
+    """Progress of one request, from its first event, until it ends."""
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RequestRef, _gateway_pb2.RequestStatus]
+    GetResult: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RequestRef, _gateway_pb2.GenerateReply]
+    """Waits for the request to finish and returns its image."""
+    Cancel: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.RequestRef, _gateway_pb2.RequestStatus]
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _compiler_pb2.ListWorkflowsReply]
+    RegisterWorkflow: _grpc.UnaryUnaryMultiCallable[_compiler_pb2.WorkflowSpec, _compiler_pb2.RegisterWorkflowReply]
+    ClusterStatus: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _gateway_pb2.ClusterView]
 
 @_typing.type_check_only
 class GatewayAsyncStub(GatewayStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Generate: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GenerateRequest, _gateway_pb2.GenerateReply]  # type: ignore[assignment]
     """Runs a request to completion and returns the image as PNG."""
+    Submit: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GenerateRequest, _gateway_pb2.RequestStatus]  # type: ignore[assignment]
+    """Admits a request and returns at once; follow it with Watch, fetch it with GetResult."""
+    Watch: _aio.UnaryStreamMultiCallable[_gateway_pb2.RequestRef, _gateway_pb2.ProgressEvent]  # type: ignore[assignment]
+    """Progress of one request, from its first event, until it ends."""
+    GetStatus: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RequestRef, _gateway_pb2.RequestStatus]  # type: ignore[assignment]
+    GetResult: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RequestRef, _gateway_pb2.GenerateReply]  # type: ignore[assignment]
+    """Waits for the request to finish and returns its image."""
+    Cancel: _aio.UnaryUnaryMultiCallable[_gateway_pb2.RequestRef, _gateway_pb2.RequestStatus]  # type: ignore[assignment]
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _compiler_pb2.ListWorkflowsReply]  # type: ignore[assignment]
+    RegisterWorkflow: _aio.UnaryUnaryMultiCallable[_compiler_pb2.WorkflowSpec, _compiler_pb2.RegisterWorkflowReply]  # type: ignore[assignment]
+    ClusterStatus: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _gateway_pb2.ClusterView]  # type: ignore[assignment]
 
 class GatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -54,10 +74,62 @@ class GatewayServicer(metaclass=_abc_1.ABCMeta):
         """Runs a request to completion and returns the image as PNG."""
 
     @_abc_1.abstractmethod
+    def Submit(
+        self,
+        request: _gateway_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.RequestStatus, _abc.Awaitable[_gateway_pb2.RequestStatus]]:
+        """Admits a request and returns at once; follow it with Watch, fetch it with GetResult."""
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _gateway_pb2.RequestRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.ProgressEvent], _abc.AsyncIterator[_gateway_pb2.ProgressEvent]]:
+        """Progress of one request, from its first event, until it ends."""
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _gateway_pb2.RequestRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.RequestStatus, _abc.Awaitable[_gateway_pb2.RequestStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def GetResult(
+        self,
+        request: _gateway_pb2.RequestRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.GenerateReply, _abc.Awaitable[_gateway_pb2.GenerateReply]]:
+        """Waits for the request to finish and returns its image."""
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _gateway_pb2.RequestRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.RequestStatus, _abc.Awaitable[_gateway_pb2.RequestStatus]]: ...
+
+    @_abc_1.abstractmethod
     def ListWorkflows(
         self,
         request: _common_pb2.Empty,
         context: _ServicerContext,
     ) -> _typing.Union[_compiler_pb2.ListWorkflowsReply, _abc.Awaitable[_compiler_pb2.ListWorkflowsReply]]: ...
+
+    @_abc_1.abstractmethod
+    def RegisterWorkflow(
+        self,
+        request: _compiler_pb2.WorkflowSpec,
+        context: _ServicerContext,
+    ) -> _typing.Union[_compiler_pb2.RegisterWorkflowReply, _abc.Awaitable[_compiler_pb2.RegisterWorkflowReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ClusterStatus(
+        self,
+        request: _common_pb2.Empty,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.ClusterView, _abc.Awaitable[_gateway_pb2.ClusterView]]: ...
 
 def add_GatewayServicer_to_server(servicer: GatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,6 +3,8 @@ lego.passes: common-subexpression and dead-node elimination), store, list."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from collections import Counter
 
@@ -14,6 +16,8 @@ from lego.grpc_server import RunningServer, start_server
 from lego.passes import optimise
 from lego.store import ClusterStore, Registration
 from lego.v1 import common_pb2, compiler_pb2, compiler_pb2_grpc
+
+from lego_compiler.comfyui import ComfyUIError, import_comfyui
 
 log = structlog.get_logger("lego.compiler")
 REGISTRATION_TTL_S = 5.0
@@ -28,6 +32,17 @@ def summarize(spec: compiler_pb2.WorkflowSpec) -> compiler_pb2.WorkflowSummary:
     )
 
 
+def structure_name(spec: compiler_pb2.WorkflowSpec, prefix: str = "comfy-") -> str:
+    """A name from the workflow's structure alone: input defaults (a prompt's text, seed, size) left
+    out, so every prompt posted with the same graph runs on one registered workflow."""
+    shape = compiler_pb2.WorkflowSpec()
+    shape.CopyFrom(spec)
+    shape.name = ""
+    for spec_input in shape.inputs:
+        spec_input.ClearField("default_value")
+    return prefix + hashlib.sha256(shape.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
 class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
     def __init__(self, store: ClusterStore) -> None:
         self.store = store
@@ -38,6 +53,28 @@ class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
         errors = validate_spec(request)
         if errors:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
+        return await self._store(request)
+
+    async def ImportComfyUI(
+        self, request: compiler_pb2.ImportComfyUIRequest, context: grpc.aio.ServicerContext
+    ) -> compiler_pb2.ImportComfyUIReply:
+        try:
+            prompt = json.loads(request.workflow_json)
+            spec = import_comfyui(prompt, "comfy")
+        except json.JSONDecodeError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"workflow_json: not JSON ({error})")
+            raise AssertionError("unreachable") from None
+        except ComfyUIError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise AssertionError("unreachable") from None
+        spec.name = structure_name(spec)
+        errors = validate_spec(spec)
+        if errors:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
+        registered = await self._store(spec)
+        return compiler_pb2.ImportComfyUIReply(workflow=spec, registered=registered)
+
+    async def _store(self, request: compiler_pb2.WorkflowSpec) -> compiler_pb2.RegisterWorkflowReply:
         spec = optimise(request)
         await self.store.put(keys.workflow(spec.name), spec.SerializeToString())
         log.info("workflow_registered", workflow=spec.name, nodes=len(spec.nodes), given=len(request.nodes))

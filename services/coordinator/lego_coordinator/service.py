@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import structlog
 from lego import keys
-from lego.errors import InvalidRequest
+from lego.errors import FIELD_METADATA, InvalidRequest
 from lego.graph import instantiate
 from lego.grpc_server import RunningServer, channel, start_server
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
@@ -198,7 +198,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 given[name] = scalar
             graph = instantiate(workflow, resolve_inputs(workflow, given))
         except InvalidRequest as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+            unknown = error.field == "workflow"
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND if unknown else grpc.StatusCode.INVALID_ARGUMENT,
+                error.message,
+                trailing_metadata=((FIELD_METADATA, error.field),),
+            )
         now = time.monotonic()
         admission = self.scheduler.admit(
             request_id, request.workflow, graph, now, request.slo_ms / 1000 if request.slo_ms else None

@@ -1,0 +1,70 @@
+"""Every HTTP error is one JSON shape: `{"error": {"code", "message", "field", "type", "param"}}`
+(`type` and `param` are what OpenAI's clients read; `field` and `param` name the input at fault)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from lego.errors import InvalidRequest
+
+from lego_gateway.tracking import GatewayError
+
+RETRY_AFTER_S = 1  # seconds a client should wait after a 429 (the cluster is at capacity)
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(code: str, message: str, status: int, field: str = "") -> dict[str, Any]:
+    error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {
+        "error": {
+            "code": code,
+            "message": message,
+            "field": field,
+            "type": error_type,
+            "param": field or None,
+        }
+    }
+
+
+def error_json(code: grpc.StatusCode, message: str, field: str = "") -> JSONResponse:
+    status = HTTP_STATUS.get(code, 500)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(error_body(code.name, message, status, field), status_code=status, headers=headers)
+
+
+async def error_response(request: Request, error: Exception) -> JSONResponse:
+    if isinstance(error, InvalidRequest):
+        return error_json(grpc.StatusCode.INVALID_ARGUMENT, error.message, error.field)
+    assert isinstance(error, GatewayError)
+    return error_json(error.code, error.message, error.field)
+
+
+async def validation_error_response(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    field = ".".join(location)
+    value = first.get("input")
+    shown = "" if value is None or isinstance(value, dict | list) else f", got {str(value)[:60]!r}"
+    message = f"{field or 'request'}: {first.get('msg', 'invalid')}{shown}"
+    return error_json(grpc.StatusCode.INVALID_ARGUMENT, message, field)
