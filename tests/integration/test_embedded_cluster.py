@@ -154,26 +154,3 @@ async def test_tensors_of_an_answered_request_are_freed() -> None:
                 await asyncio.sleep(0.05)
     assert stats.tensors == 0
     assert stats.bytes_stored == 0
-
-
-async def test_rest_generate_returns_a_png_and_json_errors() -> None:
-    import httpx
-
-    async with (
-        EmbeddedCluster(workers=1, http_port=0) as cluster,
-        httpx.AsyncClient(base_url=f"http://{cluster.http_address}", timeout=60) as http,
-    ):
-        ok = await http.post(
-            "/v1/generate", json={"workflow": TINY_SD15_TXT2IMG, "inputs": {"prompt": "rest", "steps": 2}}
-        )
-        bad = await http.post(
-            "/v1/generate",
-            json={"workflow": TINY_SD15_TXT2IMG, "inputs": {"prompt": "x", "height": 3000}},
-        )
-        listed = await http.get("/v1/workflows")
-    assert ok.status_code == 200 and ok.headers["content-type"] == "image/png"
-    assert decode_png(ok.content).shape == (128, 128, 3)
-    assert bad.status_code == 400
-    assert bad.json()["error"]["code"] == "INVALID_ARGUMENT"
-    assert "height" in bad.json()["error"]["message"]
-    assert [w["name"] for w in listed.json()["workflows"]] == [TINY_SD15_TXT2IMG]

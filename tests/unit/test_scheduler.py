@@ -208,7 +208,8 @@ def test_admission_rejects_what_cannot_meet_its_slo_and_names_the_estimate() -> 
 
 def test_a_request_may_bring_its_own_slo() -> None:
     scheduler = make(workers=1, enforce_slo=True)
-    assert not scheduler.admit("tight", "wf", graph(), 0.0, slo_s=1e-6).accepted
+    tight = scheduler.admit("tight", "wf", graph(), 0.0, slo_s=1e-6)
+    assert not tight.accepted and tight.unmeetable and "idle worker" in tight.reason
     assert scheduler.admit("loose", "wf", graph(), 0.0, slo_s=60).deadline == 60
 
 

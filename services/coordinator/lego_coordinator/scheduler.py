@@ -101,6 +101,7 @@ class Admission:
     deadline: float = math.inf
     estimate_s: float = 0.0
     standalone_s: float = 0.0
+    unmeetable: bool = False  # the request's own SLO is shorter than its latency on an idle worker
 
 
 @dataclass
@@ -367,6 +368,9 @@ class Scheduler:
         slo = slo_s if slo_s else self.slo_factor * standalone
         deadline = now + slo if (self.enforce_slo or slo_s) else math.inf
         estimate = standalone
+        if slo_s and slo_s < standalone:
+            reason = f"slo_ms must be at least its latency on an idle worker, {standalone * 1000:.1f} ms"
+            return Admission(False, reason, deadline, standalone, standalone, unmeetable=True)
         if self.policy == "lego" and self.enforce_slo:
             if not self._active():
                 return Admission(False, "no workers are serving", deadline, math.inf, standalone)

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import structlog
 from lego import keys
-from lego.errors import FIELD_METADATA, InvalidRequest
+from lego.errors import InvalidRequest, field_metadata
 from lego.graph import instantiate
 from lego.grpc_server import RunningServer, channel, start_server
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
@@ -202,12 +202,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND if unknown else grpc.StatusCode.INVALID_ARGUMENT,
                 error.message,
-                trailing_metadata=((FIELD_METADATA, error.field),),
+                trailing_metadata=field_metadata(error.field),
             )
         now = time.monotonic()
         admission = self.scheduler.admit(
             request_id, request.workflow, graph, now, request.slo_ms / 1000 if request.slo_ms else None
         )
+        if admission.unmeetable:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{admission.reason}, got {request.slo_ms:g}",
+                trailing_metadata=field_metadata("slo_ms"),
+            )
         if not admission.accepted:
             self.telemetry.rejected()
             log.info("request_rejected", request_id=request_id, reason=admission.reason)

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import structlog
 from lego import dataplane, keys, metrics
-from lego.errors import FIELD_METADATA
+from lego.errors import field_from_metadata
 from lego.grpc_server import channel
 from lego.store import ClusterStore, cancel_task, wait_for_key, wait_for_prefix
 from lego.v1 import (
@@ -41,8 +41,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def _rpc_error(error: grpc.aio.AioRpcError) -> GatewayError:
-    field = dict(error.trailing_metadata() or ()).get(FIELD_METADATA, "")
-    return GatewayError(error.code(), error.details() or "", str(field))
+    return GatewayError(error.code(), error.details() or "", field_from_metadata(error.trailing_metadata()))
 
 
 def _status_code(value: int) -> grpc.StatusCode:

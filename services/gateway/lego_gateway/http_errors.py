@@ -62,7 +62,9 @@ async def error_response(request: Request, error: Exception) -> JSONResponse:
 
 async def validation_error_response(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0] if error.errors() else {"loc": (), "msg": "invalid request"}
-    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    # Pydantic names the union member tried last (inputs.steps.str): the client's field is inputs.steps.
+    skipped = {"body", "query", "path", "header", "str", "int", "float", "bool"}
+    location = [str(part) for part in first.get("loc", ()) if part not in skipped]
     field = ".".join(location)
     value = first.get("input")
     shown = "" if value is None or isinstance(value, dict | list) else f", got {str(value)[:60]!r}"

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from lego.builtin_workflows import TINY_SD15_TXT2IMG
 from lego.errors import InvalidRequest
 from lego.values import Scalar, to_values
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, JsonValue
 
 from lego_gateway.core import GatewayCore
 from lego_gateway.limits import GatewayLimits, check_inputs
@@ -24,7 +24,18 @@ SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 SEED_RANGE = 2**31
 
 
+EXAMPLE: dict[str, JsonValue] = {"prompt": "a red circle", "size": "64x64", "response_format": "b64_json"}
+
+
 class ImagesBody(BaseModel):
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {"prompt": "a red circle", "size": "64x64", "response_format": "b64_json", "steps": 2}
+            ]
+        }
+    }
+
     prompt: str = Field(min_length=1, description="what to draw")
     model: str = Field(default=TINY_SD15_TXT2IMG, max_length=256, description="a registered workflow")
     n: int = Field(default=1, ge=1, description="how many images (each its own request, its own seed)")

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from lego.errors import InvalidRequest
 from lego.v1 import compiler_pb2, gateway_pb2
 from lego.values import to_values
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, JsonValue
 
 from lego_gateway import comfyui_front, openai_front
 from lego_gateway.core import GatewayCore
@@ -32,7 +32,15 @@ InputValue = str | int | float | bool
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{0,128}$"
 
 
+EXAMPLE_REQUEST: dict[str, JsonValue] = {
+    "workflow": "tiny-sd15-txt2img",
+    "inputs": {"prompt": "a red circle on a blue background", "steps": 4, "height": 64, "width": 64},
+}
+
+
 class SubmitBody(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [EXAMPLE_REQUEST]}}
+
     workflow: str = Field(min_length=1, max_length=256, description="a registered workflow")
     inputs: dict[str, InputValue] = Field(
         default_factory=dict, description="request inputs by name; images as data:image/png;base64,... URIs"
@@ -44,6 +52,8 @@ class SubmitBody(BaseModel):
 
 
 class GenerateBody(SubmitBody):
+    model_config = {"json_schema_extra": {"examples": [{**EXAMPLE_REQUEST, "response_format": "b64_json"}]}}
+
     response_format: Literal["png", "b64_json"] = "png"
 
 

@@ -12,7 +12,7 @@ from typing import NoReturn
 import grpc
 import structlog
 import uvicorn
-from lego.errors import FIELD_METADATA, InvalidRequest
+from lego.errors import InvalidRequest, field_metadata
 from lego.grpc_server import RunningServer, start_server
 from lego.store import ClusterStore, cancel_task
 from lego.v1 import common_pb2, compiler_pb2, gateway_pb2, gateway_pb2_grpc
@@ -54,8 +54,7 @@ def generate_reply(result: GenerateResult) -> gateway_pb2.GenerateReply:
 async def _abort(context: grpc.aio.ServicerContext, error: GatewayError | InvalidRequest) -> NoReturn:
     if isinstance(error, InvalidRequest):
         error = GatewayError(grpc.StatusCode.INVALID_ARGUMENT, error.message, error.field)
-    metadata = ((FIELD_METADATA, error.field),) if error.field else ()
-    await context.abort(error.code, error.message, trailing_metadata=metadata)
+    await context.abort(error.code, error.message, trailing_metadata=field_metadata(error.field))
     raise AssertionError("unreachable: abort raises")
 
 
