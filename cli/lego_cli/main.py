@@ -1,10 +1,11 @@
-"""`lego`: demo, up, generate, workflows, and each service on its own."""
+"""`lego`: demo, up, generate, watch, status, workflows, and each service on its own."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -12,13 +13,11 @@ from importlib import import_module
 from pathlib import Path
 
 from lego.builtin_workflows import TINY_SD15_TXT2IMG
-from lego.client import GatewayClient, LegoError
+from lego.client import AsyncGatewayClient, GatewayClient, GeneratedImage, LegoError
 from lego.errors import InvalidRequest, StoreUnavailable
-from lego.grpc_server import channel
 from lego.log import configure_logging
 from lego.store import parse_store_url
-from lego.v1 import gateway_pb2, gateway_pb2_grpc
-from lego.values import Scalar, to_values
+from lego.values import Scalar
 from lego_coordinator.__main__ import add_policy_flags, config_from
 from lego_worker.__main__ import add_backend_flags
 from lego_worker.agent import WorkerConfig
@@ -27,6 +26,7 @@ from lego_cli import scaling, sim, workflows_cli
 from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
+API_KEY_ENV = "LEGO_API_KEY"
 # `lego bench NAME`: each module has configure(parser) and run(args) -> exit code, and prints JSON.
 BENCHMARKS: dict[str, str] = {
     "worker": "lego_cli.bench_worker",
@@ -53,14 +53,23 @@ def _inputs(args: argparse.Namespace) -> dict[str, Scalar]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def _write_result(out: str, reply: gateway_pb2.GenerateReply) -> None:
-    Path(out).write_bytes(reply.png)
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gateway", default=DEFAULT_GATEWAY, help="the gateway's gRPC HOST:PORT")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"default: ${API_KEY_ENV}")
+
+
+def _client(args: argparse.Namespace) -> GatewayClient:
+    return GatewayClient(args.gateway, api_key=args.api_key or None)
+
+
+def _write_result(out: str, image: GeneratedImage) -> None:
+    Path(out).write_bytes(image.png)
     summary = {
         "out": out,
-        "request_id": reply.request_id,
-        "latency_s": round(reply.latency_s, 4),
-        "nodes_executed": reply.nodes_executed,
-        "size": [reply.width, reply.height],
+        "request_id": image.request_id,
+        "latency_s": round(image.latency_s, 4),
+        "nodes_executed": image.nodes_executed,
+        "size": [image.width, image.height],
     }
     print(json.dumps(summary), flush=True)
 
@@ -69,11 +78,9 @@ async def _demo(args: argparse.Namespace) -> int:
     cluster = EmbeddedCluster(
         workers=args.workers, worker=_worker_config(args), coordinator_config=config_from(args)
     )
-    async with cluster, channel(cluster.gateway_address) as chan:
-        stub = gateway_pb2_grpc.GatewayStub(chan)
-        request = gateway_pb2.GenerateRequest(workflow=args.workflow, inputs=to_values(_inputs(args)))
-        reply = await stub.Generate(request)
-    _write_result(args.out, reply)
+    async with cluster, AsyncGatewayClient(cluster.gateway_address) as client:
+        image = await client.generate(args.workflow, _inputs(args))
+    _write_result(args.out, image)
     return 0
 
 
@@ -201,9 +208,32 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    with GatewayClient(args.gateway) as client:
-        reply = client.generate(args.workflow, _inputs(args))
-    _write_result(args.out, reply)
+    with _client(args) as client:
+        if not args.progress:
+            image = client.generate(args.workflow, _inputs(args))
+        else:  # step events on stderr as they come; stdout keeps its one summary line
+            request_id = client.submit(args.workflow, _inputs(args)).request_id
+            for event in client.progress(request_id):
+                if event.kind == "step":
+                    print(json.dumps(event.as_dict()), file=sys.stderr, flush=True)
+            image = client.result(request_id)
+    _write_result(args.out, image)
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """One JSON line per progress event until the request ends: 0 when it is done, else 1."""
+    final = ""
+    with _client(args) as client:
+        for event in client.progress(args.request_id, node_events=args.node_events):
+            print(json.dumps(event.as_dict()), flush=True)
+            final = event.kind
+    return 0 if final == "done" else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(json.dumps(client.cluster().as_dict()), flush=True)
     return 0
 
 
@@ -237,7 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate an image on a running cluster")
     _add_generation_flags(generate, prompt_required=True)
-    generate.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    _add_client_flags(generate)
+    generate.add_argument("--progress", action="store_true", help="print step events (JSON) on stderr")
+
+    watch = commands.add_parser("watch", help="print a request's progress events as JSON lines")
+    watch.add_argument("request_id")
+    watch.add_argument("--node-events", action="store_true", help="also node_started/node_finished")
+    _add_client_flags(watch)
+
+    status = commands.add_parser("status", help="the cluster: workers, loaded models, queues, SLO window")
+    _add_client_flags(status)
 
     workflows_cli.configure(commands.add_parser("workflows", help="list, compile or register workflows"))
     sim.configure(commands.add_parser("sim", help="simulate a trace on N profiled GPUs under a policy"))
@@ -270,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "watch":
+            return _watch(args)
+        if args.command == "status":
+            return _status(args)
         if args.command == "scale-workers":
             return scaling.run(args)
         if args.command == "sim":
