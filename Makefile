@@ -16,6 +16,7 @@ demo: setup
 
 test: setup
 	bash scripts/ensure-etcd
+	-bash scripts/ensure-browser
 	-bash scripts/ensure-compose
 	$(VENV)/bin/python -m pytest -q
 
