@@ -74,6 +74,13 @@ class EmbeddedCluster:
     compiler_address: str = ""
 
     async def start(self) -> EmbeddedCluster:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()  # what did start, stops: nothing is left bound or running
+            raise
+
+    async def _start(self) -> EmbeddedCluster:
         engine = await dataengine.serve(self.store)
         self.services.append(engine)
         compiler_service = await compiler.serve(self.store)
@@ -148,7 +155,9 @@ class ProcessCluster:
         coordinator_args: tuple[str, ...] = (),
         coordinators: int = 1,
         metrics: bool = False,
+        gateway_args: tuple[str, ...] = (),
     ) -> None:
+        self.gateway_args = gateway_args  # e.g. ("--api-keys-file", "keys.txt")
         self.metrics = metrics  # every service serves Prometheus /metrics on a free port
         self.coordinator_args = coordinator_args  # e.g. ("--policy", "static")
         self.coordinators = coordinators  # more than one: standbys take over when the leader dies
@@ -185,7 +194,7 @@ class ProcessCluster:
                 self._spawn(f"coordinator-{index}", "lego_coordinator", *self.coordinator_args)
             for _ in range(self.workers):
                 self._spawn_worker()
-            gateway_args = ["--port", str(self.grpc_port)]
+            gateway_args = ["--port", str(self.grpc_port), *self.gateway_args]
             if self.http_port is not None:
                 gateway_args += ["--http-port", str(self.http_port)]
             self.gateway_address = self._spawn("gateway", "lego_gateway", *gateway_args).address

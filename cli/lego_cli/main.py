@@ -19,6 +19,8 @@ from lego.log import configure_logging
 from lego.store import parse_store_url
 from lego.values import Scalar
 from lego_coordinator.__main__ import add_policy_flags, config_from
+from lego_gateway.__main__ import add_gateway_flags, gateway_options
+from lego_gateway.auth import check_bind, load_api_keys
 from lego_worker.__main__ import add_backend_flags
 from lego_worker.agent import WorkerConfig
 
@@ -91,6 +93,7 @@ async def _up_embedded(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         worker=_worker_config(args),
         coordinator_config=config_from(args),
+        gateway=gateway_options(args, args.grpc_port, args.http_port),
     )
     async with cluster:
         _announce(cluster.gateway_address, cluster.http_address, args)
@@ -134,6 +137,15 @@ def _coordinator_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(flags)
 
 
+def _gateway_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    flags = ["--host", args.host]
+    if args.api_keys_file is not None:
+        flags += ["--api-keys-file", str(args.api_keys_file)]
+    if args.insecure_no_auth:
+        flags.append("--insecure-no-auth")
+    return tuple(flags)
+
+
 def _announce(gateway: str, http: str, args: argparse.Namespace) -> None:
     print(
         json.dumps({"gateway": gateway, "http": http, "workers": args.workers, "store": args.store}),
@@ -150,6 +162,7 @@ def _up_processes(args: argparse.Namespace) -> int:
         worker_args=_worker_flags(args),
         coordinator_args=_coordinator_flags(args),
         coordinators=args.coordinators,
+        gateway_args=_gateway_flags(args),
     )
     stopping = False
 
@@ -188,7 +201,8 @@ def _up_processes(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     try:
         kind, host, port = parse_store_url(args.store)
-    except ValueError as error:
+        check_bind(args.host, load_api_keys(args.api_keys_file), args.insecure_no_auth)
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if kind == "memory":
@@ -264,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_flags(up)
     add_policy_flags(up)
     up.add_argument("--coordinators", type=int, default=1, help="with etcd: a leader and standbys")
+    up.add_argument("--host", default="127.0.0.1", help="the gateway's address to bind (default: loopback)")
+    add_gateway_flags(up)
 
     generate = commands.add_parser("generate", help="generate an image on a running cluster")
     _add_generation_flags(generate, prompt_required=True)

@@ -273,4 +273,17 @@ def flux_img2img(name: str, source: str, *, default_size: int = 1024) -> compile
 
 
 def builtin_workflows() -> list[compiler_pb2.WorkflowSpec]:
-    return [sd15_txt2img(TINY_SD15_TXT2IMG, "tiny-sd15", default_size=128)]
+    """The tiny preset of each family, so a fresh cluster serves every family at once."""
+    return [
+        sd15_txt2img(TINY_SD15_TXT2IMG, "tiny-sd15", default_size=128),
+        sdxl_txt2img("tiny-sdxl-txt2img", "tiny-sdxl", default_size=64),
+        sd3_txt2img("tiny-sd3-txt2img", "tiny-sd3", default_size=64),
+        flux_txt2img("tiny-flux-dev-txt2img", "tiny-flux-dev", default_size=64),
+        flux_txt2img(
+            "tiny-flux-schnell-txt2img",
+            "tiny-flux-schnell",
+            default_size=64,
+            default_steps=4,
+            default_guidance=0.0,
+        ),
+    ]

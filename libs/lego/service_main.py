@@ -53,7 +53,12 @@ async def serve_until_signalled(name: str, start: Starter, args: argparse.Namesp
     except (StoreUnavailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    service = await start(store, args)
+    try:
+        service = await start(store, args)
+    except (ValueError, OSError) as error:  # a refused configuration or an address in use
+        print(f"error: {error}", file=sys.stderr)
+        await store.close()
+        return 2
     line = {"service": name, "address": service.address}
     metrics = None
     if args.metrics_port is not None:
