@@ -498,8 +498,8 @@ def import_comfyui(
     known = set(supported_classes())
     errors = []
     for node_id, node in sorted(prompt.items(), key=lambda item: _sort_key(item[0])):
-        if not isinstance(node, dict) or "class_type" not in node:
-            errors.append(f"node {node_id}: needs a class_type and inputs")
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            errors.append(f"node {node_id}: needs a class_type (a string) and inputs")
         elif node["class_type"] not in known:
             errors.append(f"node {node_id}: unsupported ComfyUI node class {node['class_type']!r}")
     if errors:

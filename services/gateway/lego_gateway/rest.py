@@ -17,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from lego.errors import InvalidRequest
+from lego.store import MemoryStore
 from lego.v1 import compiler_pb2, gateway_pb2
 from lego.values import to_values
 from pydantic import BaseModel, Field, JsonValue
@@ -245,7 +246,7 @@ def build_rest_app(core: GatewayCore, limits: GatewayLimits | None = None) -> Fa
         }
 
     openai_front.add_routes(app, core, limits)
-    comfyui_front.add_routes(app, core)
+    comfyui_front.add_routes(app, core, limits)
 
     @app.get("/", include_in_schema=False)
     async def page() -> Response:
@@ -270,3 +271,8 @@ def image_response(result: Any, response_format: str) -> Response:
         )
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(result.png, media_type="image/png", headers=headers)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The HTTP API's description, as served at /openapi.json (no cluster needed to build it)."""
+    return build_rest_app(GatewayCore(MemoryStore())).openapi()
