@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lego.metrics import GRPC_REQUESTS
+from lego.tls import channel_credentials, name_override, server_credentials, tls_files
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -51,13 +52,20 @@ async def start_server(
     host: str = "127.0.0.1",
     port: int = 0,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    client_certificates: bool = True,
 ) -> RunningServer:
+    """With TLS configured (lego.tls) the port is TLS, and callers must present a certificate of the
+    cluster unless `client_certificates` is False (the gateway's public port: API keys there)."""
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[_CountCalls(), *interceptors])
     add_services(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    files = tls_files()
+    if files is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(files, client_certificates))
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
@@ -74,4 +82,17 @@ def advertised_host(host: str) -> str:
 
 
 def channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    files = tls_files()
+    if files is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(
+        address, channel_credentials(files), options=CHANNEL_OPTIONS + name_override()
+    )
+
+
+def sync_channel(address: str) -> grpc.Channel:
+    """A blocking channel, with the same TLS settings as `channel`."""
+    files = tls_files()
+    if files is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, channel_credentials(files), options=CHANNEL_OPTIONS + name_override())

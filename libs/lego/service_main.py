@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ from lego.errors import StoreUnavailable
 from lego.log import configure_logging
 from lego.metrics import serve_metrics
 from lego.store import ClusterStore, open_store
+from lego.tls import TLS_DIR_ENV
 
 
 class Stoppable(Protocol):
@@ -44,7 +46,22 @@ def base_parser(name: str) -> argparse.ArgumentParser:
         default=None,
         help="serve Prometheus /metrics on this port (0: any free port; default: off)",
     )
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        help="mutual TLS between services: a directory with ca.pem, cert.pem, key.pem (also LEGO_TLS_DIR)",
+    )
     return parser
+
+
+def add_model_roots_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-roots",
+        default=None,
+        help="comma-separated directories (/models) and hub ids or prefixes (org/) models may come from; "
+        "default: LEGO_MODEL_ROOTS, else any",
+    )
 
 
 async def serve_until_signalled(name: str, start: Starter, args: argparse.Namespace) -> int:
@@ -84,5 +101,7 @@ def run_service(
     name: str, start: Starter, argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
 ) -> int:
     args = (parser or base_parser(name)).parse_args(argv)
+    if args.tls_dir is not None:
+        os.environ[TLS_DIR_ENV] = str(args.tls_dir)  # every server and channel of this process
     configure_logging(args.log_level)
     return asyncio.run(serve_until_signalled(name, start, args))

@@ -10,7 +10,7 @@ import grpc
 from lego.client import models
 from lego.client.errors import from_rpc_error
 from lego.client.models import ClusterInfo, GeneratedImage, Progress, RequestInfo, WorkflowInfo
-from lego.grpc_server import CHANNEL_OPTIONS
+from lego.grpc_server import channel, sync_channel
 from lego.v1 import common_pb2, compiler_pb2, gateway_pb2, gateway_pb2_grpc
 from lego.values import Scalar, to_values
 
@@ -48,7 +48,7 @@ class GatewayClient(_Options):
 
     def __init__(self, address: str, timeout_s: float = 600.0, *, api_key: str | None = None) -> None:
         super().__init__(address, timeout_s, api_key)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = sync_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def _call(self, method: Callable[..., T], request: Any) -> T:
@@ -129,7 +129,7 @@ class AsyncGatewayClient(_Options):
 
     def __init__(self, address: str, timeout_s: float = 600.0, *, api_key: str | None = None) -> None:
         super().__init__(address, timeout_s, api_key)
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def _call(self, method: Callable[..., Any], request: Any) -> Any:

@@ -194,6 +194,7 @@ async def serve(store: ClusterStore, options: GatewayOptions | None = None) -> G
         options.host,
         options.port,
         interceptors=[GrpcAuth(options.api_keys)] if options.api_keys.required else [],
+        client_certificates=False,  # the public port: clients authenticate with API keys
     )
     http = None
     http_task = None
