@@ -13,6 +13,7 @@ import structlog
 from lego import keys
 from lego.graph import validate_spec
 from lego.grpc_server import RunningServer, start_server
+from lego.model_sources import SourcePolicy
 from lego.passes import optimise
 from lego.store import ClusterStore, Registration
 from lego.v1 import common_pb2, compiler_pb2, compiler_pb2_grpc
@@ -43,14 +44,23 @@ def structure_name(spec: compiler_pb2.WorkflowSpec, prefix: str = "comfy-") -> s
     return prefix + hashlib.sha256(shape.SerializeToString(deterministic=True)).hexdigest()[:16]
 
 
+def source_refusals(spec: compiler_pb2.WorkflowSpec, policy: SourcePolicy) -> list[str]:
+    """Every model and LoRA the workflow names, checked against the cluster's model roots."""
+    models = [node.model for node in spec.nodes] + [a.model for node in spec.nodes for a in node.adapters]
+    sources = [model.rpartition(":")[0] or model for model in models if model]
+    sources += [patch.source for node in spec.nodes for patch in node.patches]
+    return sorted({refusal for source in sources if (refusal := policy.refusal(source)) is not None})
+
+
 class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
-    def __init__(self, store: ClusterStore) -> None:
+    def __init__(self, store: ClusterStore, policy: SourcePolicy | None = None) -> None:
         self.store = store
+        self.policy = policy or SourcePolicy()
 
     async def RegisterWorkflow(
         self, request: compiler_pb2.WorkflowSpec, context: grpc.aio.ServicerContext
     ) -> compiler_pb2.RegisterWorkflowReply:
-        errors = validate_spec(request)
+        errors = validate_spec(request) or source_refusals(request, self.policy)
         if errors:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
         return await self._store(request)
@@ -68,7 +78,7 @@ class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise AssertionError("unreachable") from None
         spec.name = structure_name(spec)
-        errors = validate_spec(spec)
+        errors = validate_spec(spec) or source_refusals(spec, self.policy)
         if errors:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
         registered = await self._store(spec)
@@ -112,8 +122,10 @@ class CompilerService:
         await self.server.stop()
 
 
-async def serve(store: ClusterStore, host: str = "127.0.0.1", port: int = 0) -> CompilerService:
-    servicer = CompilerServicer(store)
+async def serve(
+    store: ClusterStore, host: str = "127.0.0.1", port: int = 0, policy: SourcePolicy | None = None
+) -> CompilerService:
+    servicer = CompilerServicer(store, policy or SourcePolicy.from_env())
     server = await start_server(
         lambda s: compiler_pb2_grpc.add_CompilerServicer_to_server(servicer, s),
         [compiler_pb2.DESCRIPTOR.services_by_name["Compiler"].full_name],

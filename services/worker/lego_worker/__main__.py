@@ -1,7 +1,7 @@
 import argparse
 from pathlib import Path
 
-from lego.service_main import base_parser, run_service
+from lego.service_main import add_model_roots_flag, base_parser, run_service
 from lego.store import ClusterStore
 
 from lego_worker.agent import DRAIN_TIMEOUT_S, WorkerConfig, WorkerService, serve
@@ -30,6 +30,7 @@ async def _start(store: ClusterStore, args: argparse.Namespace) -> DrainOnStop:
         profile_dir=args.profile,
         time_scale=args.time_scale,
         memory_bytes=int(args.memory_gb * 10**9),
+        model_roots=args.model_roots,
     )
     service = await serve(store, args.dataengine, args.host, args.port, config)
     return DrainOnStop(service, args.drain_timeout_s)
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataengine", required=True, help="address of this host's data engine")
     parser.add_argument("--worker-id", default="", help="default: a random id")
     parser.add_argument("--device", default="cpu", help="cpu | cuda:N")
+    add_model_roots_flag(parser)
     parser.add_argument(
         "--drain-timeout-s",
         type=float,

@@ -20,6 +20,7 @@ import structlog
 from lego import dataplane, keys, metrics
 from lego.device_cache import CacheFull
 from lego.grpc_server import RunningServer, channel, start_server
+from lego.model_sources import SourcePolicy
 from lego.profiles import ProfileSet, default_profile_dir
 from lego.store import ClusterStore, Registration, cancel_task, wait_for_key
 from lego.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -45,6 +46,7 @@ class WorkerConfig:
     profile_dir: Path | None = None  # emulated: default profiles/h800
     time_scale: float = 1.0
     memory_bytes: int = 0  # device memory budget; 0: 80 GB emulated, 90 % of RAM on the CPU
+    model_roots: str | None = None  # lego.model_sources: None reads LEGO_MODEL_ROOTS; "" allows all
 
 
 def build_executor(config: WorkerConfig) -> Executor:
@@ -53,7 +55,7 @@ def build_executor(config: WorkerConfig) -> Executor:
         backend = EmulatedBackend(ProfileSet(config.profile_dir or default_profile_dir()), config.time_scale)
         budget = config.memory_bytes or EMULATED_DEVICE_BYTES
     elif config.backend == "torch":
-        backend = TorchBackend(config.device)
+        backend = TorchBackend(config.device, SourcePolicy.from_env(config.model_roots))
         budget = config.memory_bytes or int(psutil.virtual_memory().total * 0.9)
     else:
         raise ValueError(f"backend must be 'torch' or 'emulated', got {config.backend!r}")

@@ -10,6 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from lego.model_sources import SourcePolicy
+
 from lego_worker.backend import PatchSet
 
 
@@ -25,7 +27,8 @@ def adapter_name(source: str) -> str:
 class PatchState:
     """The adapters loaded into each model and the patch set currently active on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: SourcePolicy | None = None) -> None:
+        self.policy = policy or SourcePolicy()
         self._loaded: dict[int, set[str]] = {}
         self._active: dict[int, PatchSet] = {}
 
@@ -37,6 +40,7 @@ class PatchState:
         for source, _ in patches:
             name = adapter_name(source)
             if name not in loaded:
+                self.policy.check(source)
                 path = Path(source)
                 if not path.exists():
                     raise FileNotFoundError(f"LoRA {source} does not exist")

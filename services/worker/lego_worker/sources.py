@@ -16,6 +16,7 @@ from typing import Any
 
 import diffusers
 import torch
+from lego.model_sources import SourcePolicy
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from lego_worker import presets, presets_flux, presets_sd3
@@ -153,11 +154,13 @@ def _load_pretrained(source: str, component: str) -> Any:
 class SourceLoader:
     """Builds a component on the CPU (disk → host memory); presets are built once per source."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: SourcePolicy | None = None) -> None:
         self._presets: dict[str, Any] = {}
+        self.policy = policy or SourcePolicy()
 
     def load(self, model_id: str) -> Any:
         tagged_source, component = split_model_id(model_id)
+        self.policy.check(tagged_source)
         source = tagged_source.partition("#")[0]
         if source == "builtin":
             if component != "image":

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import torch
+from lego.model_sources import SourcePolicy
 
 from lego_worker import ops
 from lego_worker.backend import Item, Outputs, PatchSet
@@ -26,11 +27,11 @@ def _modules(model: Any) -> list[torch.nn.Module]:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", policy: SourcePolicy | None = None) -> None:
         self.device = torch.device(device)
-        self._loader = SourceLoader()
+        self._loader = SourceLoader(policy)
         self._host: dict[str, Any] = {}
-        self._patches = PatchState()
+        self._patches = PatchState(policy)
         self.states = ops.SchedulerStates()
 
     def prefetch(self, model_id: str) -> float:
