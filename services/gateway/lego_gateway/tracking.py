@@ -182,6 +182,7 @@ class RequestRegistry:
         self._requests[tracked.request_id] = tracked
         if idempotency_key:
             self._by_key[idempotency_key] = tracked.request_id
+        self.expire()
 
     def discard(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
