@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str] = {
     "worker": "lego_cli.bench_worker",
     "dataengine": "lego_cli.bench_dataengine",
     "overhead": "lego_cli.bench_overhead",
+    "slo": "lego_cli.bench_slo",
 }
 DEMO_PROMPT = "a red circle on a blue background"
 
@@ -129,7 +130,14 @@ def _worker_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _coordinator_flags(args: argparse.Namespace) -> tuple[str, ...]:
-    flags = ["--policy", args.policy, "--slo-factor", str(args.slo_factor)]
+    flags = [
+        "--policy",
+        args.policy,
+        "--slo-factor",
+        str(args.slo_factor),
+        "--time-scale",
+        str(args.time_scale),
+    ]
     if args.enforce_slo:
         flags.append("--enforce-slo")
     if args.profile is not None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lego.builtin_workflows import flux_txt2img, sd15_controlnet, sd15_txt2img
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.traces import TraceRequest, load_trace, rescale
@@ -24,7 +25,10 @@ from lego.v1 import compiler_pb2
 from lego.values import Scalar
 from lego_coordinator.scheduler import POLICIES
 from lego_coordinator.simulator import Arrival, Simulator, offered_gpu_seconds, standalone_latencies
+from lego_worker.images import encode_data_uri
 
+# The control image of B and C requests (emulated workers only check that it is there).
+CONTROL_IMAGE = encode_data_uri(np.full((64, 64, 3), 128, dtype=np.uint8))
 Family = Callable[[], tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dict[str, Scalar]]]]
 
 
@@ -37,8 +41,8 @@ def _sd15() -> tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dict[str, S
     common: dict[str, Scalar] = {"prompt": "a photo", "steps": 50, "guidance_scale": 7.5}
     inputs = {
         "A": common,
-        "B": {**common, "control_image": "edges.png"},
-        "C": {**common, "control_image": "depth.png"},
+        "B": {**common, "control_image": CONTROL_IMAGE},
+        "C": {**common, "control_image": CONTROL_IMAGE},
     }
     return workflows, inputs
 
@@ -59,8 +63,8 @@ def _flux_schnell() -> tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dic
     common: dict[str, Scalar] = {"prompt": "a photo"}
     inputs = {
         "A": common,
-        "B": {**common, "control_image": "edges.png"},
-        "C": {**common, "control_image": "depth.png"},
+        "B": {**common, "control_image": CONTROL_IMAGE},
+        "C": {**common, "control_image": CONTROL_IMAGE},
     }
     return workflows, inputs
 
@@ -78,16 +82,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None)
 
 
-def _series(args: argparse.Namespace) -> list[tuple[float, list[TraceRequest]]]:
-    if args.trace.is_dir():
+def series(trace: Path, rs: str) -> list[tuple[float, list[TraceRequest]]]:
+    """(request scale, requests) for each run: every trace of a directory (its scale read from the
+    name), or one trace at each multiple of its rate in `rs` ("0.5,1,2"; empty: as recorded)."""
+    if trace.is_dir():
         runs = []
-        for path in sorted(args.trace.glob("*.txt")):
+        for path in sorted(trace.glob("*.txt")):
             match = re.search(r"_rs([0-9.]+)_", path.name)
             runs.append((float(match.group(1)) if match else 1.0, load_trace(path)))
         return sorted(runs, key=lambda run: run[0])
-    trace = load_trace(args.trace)
-    factors = [float(f) for f in args.rs.split(",") if f] or [1.0]
-    return [(factor, rescale(trace, factor)) for factor in factors]
+    requests = load_trace(trace)
+    factors = [float(f) for f in rs.split(",") if f] or [1.0]
+    return [(factor, rescale(requests, factor)) for factor in factors]
 
 
 def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,7 +109,7 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
     max_rs: dict[str, float | None] = {}
     for policy in policies:
         best: float | None = None
-        for scale, requests in _series(args):
+        for scale, requests in series(args.trace, args.rs):
             arrivals = [Arrival(r.time_s, r.tenant, inputs[r.tenant]) for r in requests]
             simulator = Simulator(workflows, args.gpus, profiles, policy, batch_sizes, args.slo_factor)
             summary = simulator.run(arrivals).summary()

@@ -158,7 +158,7 @@ async def test_overload_is_429_with_retry_after_and_an_unmeetable_slo_is_400() -
     assert overload.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
     assert "cannot meet its SLO" in overload.json()["error"]["message"]
     assert unmeetable.status_code == 400 and unmeetable.json()["error"]["field"] == "slo_ms"
-    assert "latency on an idle worker" in unmeetable.json()["error"]["message"]
+    assert "execution time on an idle worker" in unmeetable.json()["error"]["message"]
 
 
 async def test_cluster_view_lists_workers_models_queues_and_slo_attainment() -> None:

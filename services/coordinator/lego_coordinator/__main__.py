@@ -14,7 +14,11 @@ async def _start(store: ClusterStore, args: argparse.Namespace) -> CoordinatorSe
 
 def config_from(args: argparse.Namespace) -> CoordinatorConfig:
     return CoordinatorConfig(
-        policy=args.policy, enforce_slo=args.enforce_slo, slo_factor=args.slo_factor, profile_dir=args.profile
+        policy=args.policy,
+        enforce_slo=args.enforce_slo,
+        slo_factor=args.slo_factor,
+        profile_dir=args.profile,
+        time_scale=getattr(args, "time_scale", 1.0),  # `lego up` shares the workers' flag
     )
 
 
@@ -36,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser("coordinator")
     add_policy_flags(parser)
     parser.add_argument("--profile", type=Path, default=None, help="profile dir for cost estimates")
+    parser.add_argument(
+        "--time-scale", type=float, default=1.0, help="the emulated workers' time scale (cost estimates / K)"
+    )
     return run_service("coordinator", _start, argv, parser)
 
 

@@ -35,6 +35,7 @@ class CostModel:
     batch_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # profile name → sizes
     learned: dict[tuple[str, str, str, int], float] = field(default_factory=dict)
     overhead_s: float = INITIAL_OVERHEAD_S  # learned: a batch's turnaround minus its execution
+    time_scale: float = 1.0  # emulated workers K times faster than the profiled GPUs: priors / K
 
     def _profile_name(self, model: str) -> str | None:
         try:
@@ -50,7 +51,7 @@ class CostModel:
         mode = PROFILE_MODES.get((node.op, node.mode))
         if self.profiles is not None and name is not None and mode is not None:
             try:
-                return self.profiles.get(name).execution_s(mode, batch, _pixels(node))
+                return self.profiles.get(name).execution_s(mode, batch, _pixels(node)) / self.time_scale
             except KeyError:
                 pass
         single = self.learned.get((node.op, node.model, node.mode, 1))
@@ -68,7 +69,7 @@ class CostModel:
         name = self._profile_name(model)
         if self.profiles is not None and name is not None:
             try:
-                return self.profiles.get(name).host_to_device_s
+                return self.profiles.get(name).host_to_device_s / self.time_scale
             except KeyError:
                 pass
         return UNKNOWN_LOAD_S
@@ -82,9 +83,10 @@ class CostModel:
     def transfer_s(nbytes: int, same_host: bool) -> float:
         return 0.0 if same_host else nbytes / REMOTE_BYTES_PER_S
 
-    def standalone_s(self, graph: RequestGraph) -> float:
+    def standalone_s(self, graph: RequestGraph, with_overhead: bool = True) -> float:
         """The request alone on one idle device: ready nodes with the same batch key run as one
-        batch (as a pipeline would batch its CFG branches), everything else one after another."""
+        batch (as a pipeline would batch its CFG branches), everything else one after another.
+        Without overhead: its execution alone, a floor no schedule can beat."""
         remaining = {node_id: 0 for node_id in graph.nodes}
         for node in graph.nodes.values():
             remaining[node.id] = len({v.node for v in node.inputs.values() if isinstance(v, Ref)})
@@ -97,7 +99,7 @@ class CostModel:
         while ready:
             first = graph.nodes[ready[0]]
             batch = [ready[0]] + [n for n in ready[1:] if _same_batch(graph.nodes[n], first)]
-            total += self.exec_s(first, len(batch)) + self.overhead_s
+            total += self.exec_s(first, len(batch)) + (self.overhead_s if with_overhead else 0.0)
             ready = [n for n in ready if n not in batch]
             for done in batch:
                 for successor in successors[done]:

@@ -368,8 +368,9 @@ class Scheduler:
         slo = slo_s if slo_s else self.slo_factor * standalone
         deadline = now + slo if (self.enforce_slo or slo_s) else math.inf
         estimate = standalone
-        if slo_s and slo_s < standalone:
-            reason = f"slo_ms must be at least its latency on an idle worker, {standalone * 1000:.1f} ms"
+        floor = self.costs.standalone_s(graph, with_overhead=False)
+        if slo_s and slo_s < floor:  # not even its execution fits, whatever the load: the client's error
+            reason = f"slo_ms must be at least its execution time on an idle worker, {floor * 1000:.1f} ms"
             return Admission(False, reason, deadline, standalone, standalone, unmeetable=True)
         if self.policy == "lego" and self.enforce_slo:
             if not self._active():
@@ -702,6 +703,10 @@ class Scheduler:
         for task in dispatch.tasks:
             request = self._requests.get(task.request_id)
             if request is None or request.finished:
+                if request is None or len(request.done) < len(request.graph.nodes):
+                    # outputs of a failed or released request, published after it was freed: no
+                    # reader will come, and its Free has already run on the data engines
+                    self._dead.extend(t.handle for t in outputs.get(task.task_id, {}).values())
                 continue
             node = task.node
             request.running.discard(node.id)

@@ -57,11 +57,12 @@ class CoordinatorConfig:
     slo_factor: float = 2.0  # default SLO = slo_factor x standalone latency
     profile_dir: Path | None = None
     max_in_flight: int = 2  # batches queued on one worker (lego policy)
+    time_scale: float = 1.0  # the emulated workers' --time-scale: the profiles' priors are divided by it
 
 
 def build_scheduler(config: CoordinatorConfig) -> core.Scheduler:
     directory = config.profile_dir or default_profile_dir()
-    costs = CostModel(ProfileSet(directory), load_batch_sizes(directory))
+    costs = CostModel(ProfileSet(directory), load_batch_sizes(directory), time_scale=config.time_scale)
     return core.Scheduler(costs, config.policy, config.enforce_slo, config.slo_factor, config.max_in_flight)
 
 

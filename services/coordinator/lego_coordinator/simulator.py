@@ -61,7 +61,7 @@ class _SimWorker:
 
 
 @dataclass
-class _Outcome:
+class Outcome:
     workflow: str
     arrival: float
     slo_s: float = math.inf
@@ -71,24 +71,24 @@ class _Outcome:
 
 @dataclass
 class SimulationResult:
-    outcomes: dict[str, _Outcome]
+    outcomes: dict[str, Outcome]
     gpu_seconds: float
     model_loads: int
     end_s: float
 
     def summary(self) -> dict[str, object]:
-        return _summary(list(self.outcomes.values())) | {
+        return summarize(list(self.outcomes.values())) | {
             "gpu_seconds": round(self.gpu_seconds, 3),
             "model_loads": self.model_loads,
             "simulated_s": round(self.end_s, 3),
             "per_workflow": {
-                name: _summary([o for o in self.outcomes.values() if o.workflow == name])
+                name: summarize([o for o in self.outcomes.values() if o.workflow == name])
                 for name in sorted({o.workflow for o in self.outcomes.values()})
             },
         }
 
 
-def _summary(outcomes: list[_Outcome]) -> dict[str, object]:
+def summarize(outcomes: list[Outcome]) -> dict[str, object]:
     latencies = sorted(o.latency_s for o in outcomes if o.latency_s is not None)
     within = sum(1 for o in outcomes if o.latency_s is not None and o.latency_s <= o.slo_s)
 
@@ -199,7 +199,7 @@ class Simulator:
         heapq.heappush(self._events, (time_s, next(self._seq), event))
 
     def run(self, arrivals: list[Arrival]) -> SimulationResult:
-        outcomes: dict[str, _Outcome] = {}
+        outcomes: dict[str, Outcome] = {}
         self._start_workers(arrivals)
         for index, arrival in enumerate(arrivals):
             self._push(arrival.time_s, _Submit(f"r{index}", arrival))
@@ -227,17 +227,17 @@ class Simulator:
         loads = sum(w.loads for w in self.workers.values())
         return SimulationResult(outcomes, gpu_seconds, loads, now)
 
-    def _admit(self, request_id: str, arrival: Arrival, now: float) -> _Outcome:
+    def _admit(self, request_id: str, arrival: Arrival, now: float) -> Outcome:
         spec = self.workflows[arrival.workflow]
         graph = instantiate(spec, resolve_inputs(spec, arrival.inputs))
         admission = self.scheduler.admit(request_id, arrival.workflow, graph, now, arrival.slo_s)
         slo = admission.deadline - now if math.isfinite(admission.deadline) else math.inf
-        outcome = _Outcome(arrival.workflow, now, slo)
+        outcome = Outcome(arrival.workflow, now, slo)
         if not admission.accepted:
             outcome.failure = "rejected"
         return outcome
 
-    def _record(self, events: list[core.Event], outcomes: dict[str, _Outcome], now: float) -> None:
+    def _record(self, events: list[core.Event], outcomes: dict[str, Outcome], now: float) -> None:
         for event in events:
             outcome = outcomes[event.request_id]
             if isinstance(event, core.RequestDone):
