@@ -33,6 +33,7 @@ from lego_coordinator.simulator import Outcome, summarize
 from lego_worker.agent import WorkerConfig
 
 from lego_cli.cluster import EmbeddedCluster
+from lego_cli.plot import attainment_plot
 from lego_cli.sim import FAMILIES, series
 
 UNBOUNDED_SLO_MS = 3_600_000.0  # the standalone runs must not be dropped while their models load
@@ -49,6 +50,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=0.0, help="replay only the first S seconds")
     parser.add_argument("--slo-factor", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="SLO attainment vs RS per policy (PNG)")
 
 
 async def _register(
@@ -175,4 +177,7 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if args.json is not None:
         args.json.write_text(text + "\n")
+    if args.plot is not None:
+        title = f"lego bench slo: {args.family}, {args.workers} emulated GPUs, time scale {args.time_scale:g}"
+        attainment_plot(figures["runs"], args.plot, title)
     return 0

@@ -27,6 +27,8 @@ from lego_coordinator.scheduler import POLICIES
 from lego_coordinator.simulator import Arrival, Simulator, offered_gpu_seconds, standalone_latencies
 from lego_worker.images import encode_data_uri
 
+from lego_cli.plot import attainment_plot
+
 # The control image of B and C requests (emulated workers only check that it is there).
 CONTROL_IMAGE = encode_data_uri(np.full((64, 64, 3), 128, dtype=np.uint8))
 Family = Callable[[], tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dict[str, Scalar]]]]
@@ -80,6 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rs", default="", help="request-rate multiples of a single trace, e.g. 0.5,1,2")
     parser.add_argument("--slo-factor", type=float, default=2.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="SLO attainment vs RS per policy (PNG)")
 
 
 def series(trace: Path, rs: str) -> list[tuple[float, list[TraceRequest]]]:
@@ -138,4 +141,6 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if args.json is not None:
         args.json.write_text(text + "\n")
+    if args.plot is not None:
+        attainment_plot(figures["runs"], args.plot, f"lego sim: {args.family}, {args.gpus} GPUs")
     return 0
