@@ -20,6 +20,11 @@ from lego.values import Scalar, from_value
 
 __all__ = ["Ref", "RequestGraph", "TaskNode", "instantiate", "validate_spec"]
 
+# The most denoise iterations one request may unroll to (steps + extra iterations), whatever limits
+# the template declares (or if it declares none): a request must not make the coordinator build an
+# unbounded graph.
+MAX_DENOISE_ITERATIONS = 1000
+
 
 @dataclass(frozen=True)
 class Ref:
@@ -185,11 +190,17 @@ def _unroll_denoise_loop(
         raise InvalidRequest(
             "guidance_scale", f"node {loop.id}: guidance_scale must be a number, got {guidance!r}"
         )
+    extra_iterations = int(loop.attributes.get("extra_iterations", "0"))
+    if steps + extra_iterations > MAX_DENOISE_ITERATIONS:
+        raise InvalidRequest(
+            "steps",
+            f"node {loop.id}: steps must be ≤ {MAX_DENOISE_ITERATIONS - extra_iterations}, got {steps}",
+        )
     embedded = loop.attributes.get("guidance") == "embedded"  # FLUX.1: one branch, no CFG
     denoiser_op = loop.attributes.get("denoiser_op", "unet")
     cfg = guidance > 1.0 and not embedded
     start = _img2img_start(loop, steps, inputs["strength"]) if "strength" in inputs else 0
-    iterations = steps + int(loop.attributes.get("extra_iterations", "0")) - start
+    iterations = steps + extra_iterations - start
     patches = tuple((patch.source, patch.scale) for patch in loop.patches)
     init = _init_node(loop, inputs, steps, iterations, start, adapters)
     nodes[init.id] = init

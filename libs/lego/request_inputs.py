@@ -22,6 +22,17 @@ _TYPE_NAMES = {
 }
 
 
+INT64 = (-(2**63), 2**63 - 1)  # what a request input can carry (lego.v1.Value.int_value)
+
+
+def _show(value: Scalar) -> str:
+    """A value as an error message shows it: short (a message must not echo a megabyte back)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+        return "an integer outside the 64-bit range"  # repr() of a huge int may even raise
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 def _format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
@@ -38,13 +49,16 @@ def _describe_limits(spec: compiler_pb2.InputSpec) -> str:
 
 
 def _check_number(spec: compiler_pb2.InputSpec, value: float) -> None:
-    too_low = spec.HasField("minimum") and (
-        value <= spec.minimum if spec.exclusive_minimum else value < spec.minimum
-    )
-    too_high = spec.HasField("maximum") and value > spec.maximum
-    not_multiple = bool(spec.multiple_of) and int(value) % spec.multiple_of != 0
-    if not math.isfinite(value) or too_low or too_high or not_multiple:
-        raise InvalidRequest(spec.name, f"{spec.name} must be {_describe_limits(spec)}, got {value!r}")
+    valid = math.isfinite(value)
+    if valid:  # NaN and infinities compare false, and int() of them raises: checked first
+        too_low = spec.HasField("minimum") and (
+            value <= spec.minimum if spec.exclusive_minimum else value < spec.minimum
+        )
+        too_high = spec.HasField("maximum") and value > spec.maximum
+        not_multiple = bool(spec.multiple_of) and value % spec.multiple_of != 0
+        valid = not (too_low or too_high or not_multiple)
+    if not valid:
+        raise InvalidRequest(spec.name, f"{spec.name} must be {_describe_limits(spec)}, got {_show(value)}")
 
 
 def _check_string(spec: compiler_pb2.InputSpec, value: str) -> None:
@@ -62,9 +76,9 @@ def resolve_inputs(workflow: compiler_pb2.WorkflowSpec, given: dict[str, Scalar]
     declared = {spec.name: spec for spec in workflow.inputs}
     unknown = sorted(set(given) - set(declared))
     if unknown:
+        shown = unknown[0][:100]  # the name is the caller's: never echo a megabyte back
         raise InvalidRequest(
-            unknown[0],
-            f"unknown input {unknown[0]!r} for workflow {workflow.name} (inputs: {sorted(declared)})",
+            shown, f"unknown input {shown!r} for workflow {workflow.name} (inputs: {sorted(declared)})"
         )
     resolved: dict[str, Scalar] = {}
     for name, spec in declared.items():
@@ -72,13 +86,19 @@ def resolve_inputs(workflow: compiler_pb2.WorkflowSpec, given: dict[str, Scalar]
             value = given[name]
         elif spec.HasField("default_value"):
             default = from_value(spec.default_value)
-            assert default is not None and not hasattr(default, "tensor_id")
+            if not isinstance(default, str | int | float | bool):  # validation refuses such templates
+                raise InvalidRequest(name, f"{name}: the workflow's default is not a scalar value")
             value = default
         else:
             raise InvalidRequest(name, f"{name} is required")
         allowed = _PYTHON_TYPES.get(spec.type, ())
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            raise InvalidRequest(name, f"{name} must be {_TYPE_NAMES.get(spec.type)}, got {value!r}")
+            raise InvalidRequest(
+                name, f"{name} must be {_TYPE_NAMES.get(spec.type, 'a valid value')}, got {_show(value)}"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+            # float() and math.isfinite() of a huge int raise; a request's ints are 64-bit
+            raise InvalidRequest(name, f"{name} must be {_describe_limits(spec)}, got {_show(value)}")
         if spec.type == compiler_pb2.VALUE_TYPE_FLOAT:
             value = float(value)
         if isinstance(value, str):

@@ -9,6 +9,7 @@ model is not in the graph.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 
 from lego import operators
@@ -16,6 +17,16 @@ from lego.v1 import compiler_pb2
 from lego.values import from_value
 
 SUPPORTED_IR_VERSIONS = (1, 2)
+# Upper bounds of a denoise loop's integer attributes: a template may not ask a worker for absurd
+# tensors, nor the coordinator to unroll an absurd loop (lego.graph also bounds steps per request).
+LOOP_ATTRIBUTE_LIMITS = {
+    "latent_channels": (1, 4096),
+    "vae_scale_factor": (1, 4096),
+    "extra_iterations": (0, 1000),
+}
+# Names a caller sees again in keys, URLs, tensor ids and error messages: bounded (the gateway takes
+# workflow names of up to 256 characters).
+MAX_NAME_CHARS = 256
 VALUE_TYPES = {
     compiler_pb2.VALUE_TYPE_STRING: operators.STRING,
     compiler_pb2.VALUE_TYPE_INT: operators.INT,
@@ -60,9 +71,15 @@ class _Checker:
         self.errors: list[str] = []
         self.input_types = {i.name: VALUE_TYPES.get(i.type, "") for i in spec.inputs}
         self.outputs: dict[str, dict[str, str]] = {}
-        for node in spec.nodes:
+        self.position: dict[str, int] = {}  # a node id → its index in the (topological) node list
+        self.current = 0  # the index of the node being checked
+        for index, node in enumerate(spec.nodes):
+            if len(node.id) > MAX_NAME_CHARS:
+                self.errors.append(f"node {node.id[:40]}...: id longer than {MAX_NAME_CHARS} characters")
             if node.id in self.outputs:
-                self.errors.append(f"node {node.id}: duplicate node id")
+                self.errors.append(f"node {node.id[:MAX_NAME_CHARS]}: duplicate node id")
+            else:
+                self.position[node.id] = index
             self.outputs[node.id] = _output_types(node)
         self.models = {n.model for n in spec.nodes if n.model} | {
             a.model for n in spec.nodes for a in n.adapters if a.model
@@ -84,6 +101,12 @@ class _Checker:
                     f"exist (outputs: {sorted(self.outputs[ref.node])})"
                 )
                 return
+            if self.position.get(ref.node, -1) >= self.current:  # instantiation reads nodes in order
+                self.errors.append(
+                    f"{where}: input {binding.name!r} refers to {ref.node}.{ref.output}, which is not listed "
+                    "before it (nodes must be in topological order: producers first)"
+                )
+                return
             actual, origin = self.outputs[ref.node][ref.output], f"{ref.node}.{ref.output}"
         elif source == "workflow_input":
             if binding.workflow_input not in self.input_types:
@@ -94,6 +117,15 @@ class _Checker:
                 return
             actual, origin = self.input_types[binding.workflow_input], f"input {binding.workflow_input}"
         elif source == "constant":
+            value = from_value(binding.constant)
+            if not isinstance(value, str | int | float | bool):
+                self.errors.append(
+                    f"{where}: input {binding.name!r} is a constant that is not a string, int, float or bool"
+                )
+                return
+            if isinstance(value, float) and not math.isfinite(value):
+                self.errors.append(f"{where}: input {binding.name!r} is a non-finite constant ({value})")
+                return
             actual, origin = _constant_type(binding), "a constant"
         else:
             self.errors.append(f"{where}: input {binding.name!r} has no source")
@@ -104,16 +136,45 @@ class _Checker:
             )
 
     def bindings(self, where: str, given: list[compiler_pb2.Binding], expected: dict[str, str]) -> None:
-        names = [b.name for b in given]
+        names = Counter(b.name for b in given)
         for name in sorted(set(expected) - set(names)):
             self.errors.append(f"{where}: missing required input {name!r}")
-        for name in sorted({n for n in names if names.count(n) > 1}):
+        for name in sorted(n for n, count in names.items() if count > 1):
             self.errors.append(f"{where}: input {name!r} is bound twice")
         for binding in given:
             if binding.name not in expected:
                 self.errors.append(f"{where}: unexpected input {binding.name!r} (expects {sorted(expected)})")
             else:
                 self.binding(where, binding, expected[binding.name])
+
+    def inputs(self) -> None:
+        """The workflow's declared inputs: named once, a scalar type, a default of that type."""
+        seen: set[str] = set()
+        for spec_input in self.spec.inputs:
+            where = f"workflow input {spec_input.name!r}"
+            if not spec_input.name:
+                self.errors.append("workflow input: name is empty")
+            elif len(spec_input.name) > MAX_NAME_CHARS:
+                self.errors.append(f"{where[:60]}...: name longer than {MAX_NAME_CHARS} characters")
+            elif spec_input.name in seen:
+                self.errors.append(f"{where}: declared twice")
+            seen.add(spec_input.name)
+            if spec_input.type not in VALUE_TYPES:
+                self.errors.append(f"{where}: type must be string, int, float or bool, got {spec_input.type}")
+                continue
+            if not spec_input.HasField("default_value"):
+                continue
+            default = from_value(spec_input.default_value)
+            expected = VALUE_TYPES[spec_input.type]
+            actual = (
+                _constant_type(compiler_pb2.Binding(constant=spec_input.default_value))
+                if isinstance(default, str | int | float | bool)
+                else ""
+            )
+            if not actual or not operators.compatible(actual, expected):
+                self.errors.append(
+                    f"{where}: its default must be of type {expected}, got {actual or 'no scalar'}"
+                )
 
     def node(self, node: compiler_pb2.NodeSpec) -> None:
         where = f"node {node.id}"
@@ -137,11 +198,13 @@ class _Checker:
         for attribute in operators.DENOISE_LOOP_ATTRIBUTES:
             if attribute not in node.attributes:
                 self.errors.append(f"{where}: denoise loop needs attribute {attribute!r}")
-        for attribute in ("latent_channels", "vae_scale_factor", "extra_iterations"):
-            value = node.attributes.get(attribute, "0")
-            if not value.isdigit():
+        for attribute, (low, high) in LOOP_ATTRIBUTE_LIMITS.items():
+            value = node.attributes.get(attribute, str(low))
+            # ASCII digits only: str.isdigit() accepts '²', which int() refuses
+            if not (value.isascii() and value.isdigit() and len(value) <= 9 and low <= int(value) <= high):
+                shown = value[:40]
                 self.errors.append(
-                    f"{where}: attribute {attribute} must be a non-negative integer, got {value!r}"
+                    f"{where}: attribute {attribute} must be an integer from {low} to {high}, got {shown!r}"
                 )
         names = {b.name for b in node.inputs}
         guidance = node.attributes.get("guidance", "cfg")
@@ -227,27 +290,24 @@ def find_cycle(spec: compiler_pb2.WorkflowSpec) -> list[str]:
         n.id: [b.ref.node for b in node_bindings(n) if b.WhichOneof("source") == "ref"] for n in spec.nodes
     }
     state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str]:
-        state[node] = 1
-        path.append(node)
-        for succ in edges.get(node, []):
-            if state.get(succ) == 1:
+    # iterative depth-first search: a long chain of nodes must not exhaust Python's recursion limit
+    for start in edges:
+        if start in state:
+            continue
+        state[start] = 1
+        path = [start]
+        stack = [iter(edges[start])]
+        while stack:
+            succ = next(stack[-1], None)
+            if succ is None:
+                stack.pop()
+                state[path.pop()] = 2
+            elif state.get(succ) == 1:
                 return [*path[path.index(succ) :], succ]
-            if succ in edges and succ not in state:
-                found = visit(succ)
-                if found:
-                    return found
-        path.pop()
-        state[node] = 2
-        return []
-
-    for node_id in edges:
-        if node_id not in state:
-            found = visit(node_id)
-            if found:
-                return found
+            elif succ in edges and succ not in state:
+                state[succ] = 1
+                path.append(succ)
+                stack.append(iter(edges[succ]))
     return []
 
 
@@ -257,12 +317,16 @@ def validate_spec(spec: compiler_pb2.WorkflowSpec) -> list[str]:
     errors = checker.errors
     if not spec.name:
         errors.insert(0, "workflow: name is empty")
+    elif len(spec.name) > MAX_NAME_CHARS:
+        errors.insert(0, f"workflow {spec.name[:40]}...: name longer than {MAX_NAME_CHARS} characters")
     if spec.ir_version not in SUPPORTED_IR_VERSIONS:
         errors.append(
             f"workflow {spec.name}: ir_version {spec.ir_version} is not supported "
             f"(supported: {', '.join(map(str, SUPPORTED_IR_VERSIONS))})"
         )
-    for node in spec.nodes:
+    checker.inputs()
+    for index, node in enumerate(spec.nodes):
+        checker.current = index
         checker.node(node)
     cycle = find_cycle(spec)
     if cycle:

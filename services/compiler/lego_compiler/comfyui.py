@@ -19,6 +19,7 @@ and SD3 (not FLUX.1 yet).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,6 +45,9 @@ from lego_compiler.model_map import Checkpoint, ModelMap, ModelMapError
 
 SUPPORTED_FAMILIES = {"sd15", "sdxl", "sd3", "flux"}
 FLUX_DEFAULT_GUIDANCE = 3.5  # ComfyUI's FluxGuidance default
+# The longest chain of links followed from an output: deeper is refused, not a stack overflow.
+MAX_LINK_DEPTH = 100
+INT64 = (-(2**63), 2**63 - 1)  # an int widget's value becomes a lego.v1.Value
 
 
 class ComfyUIError(ValueError):
@@ -137,6 +141,7 @@ class _Translator:
         self.map = model_map
         self.wf = workflow
         self.memo: dict[str, tuple[Any, ...]] = {}
+        self.evaluating: list[str] = []  # the nodes being evaluated, outermost first (cycles, depth)
         self.images = 0
         self.roles = _Roles()
         self.handlers: dict[str, Callable[[str, dict[str, Any]], tuple[Any, ...]]] = {
@@ -175,20 +180,33 @@ class _Translator:
             raise self.fail(
                 node_id, f"input {name!r} must be a value, not a link (links to widgets are not supported)"
             )
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        huge = isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool) and not huge:
+            value = float(value)  # float() of a huge int raises
+        if huge and kind in (int, float):  # a lego.v1.Value holds 64 bits
+            raise self.fail(node_id, f"input {name!r} must be a 64-bit {kind.__name__}, got {_show(value)}")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(node_id, f"input {name!r} must be {kind.__name__}, got {value!r}")
+            raise self.fail(node_id, f"input {name!r} must be {kind.__name__}, got {_show(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(node_id, f"input {name!r} must be a finite number, got {value}")
         return value
 
     def link(self, node_id: str, inputs: dict[str, Any], name: str, expected: type) -> Any:
         value = self.raw(node_id, inputs, name)
         ref = _ref(value)
         if ref is None:
-            raise self.fail(node_id, f"input {name!r} must be a link [node_id, output_index], got {value!r}")
+            raise self.fail(
+                node_id, f"input {name!r} must be a link [node_id, output_index], got {_show(value)}"
+            )
         source, index = ref
         if source not in self.prompt:
-            raise self.fail(node_id, f"input {name!r} links to node {source}, which does not exist")
+            raise self.fail(node_id, f"input {name!r} links to node {source[:80]}, which does not exist")
+        if self.prompt[source]["class_type"] not in self.handlers:  # SaveImage, PreviewImage
+            raise self.fail(node_id, f"input {name!r} links to {self.where(source)}, which has no outputs")
+        if source in self.evaluating:
+            raise self.fail(node_id, f"input {name!r} links to {self.where(source)}: the links form a cycle")
+        if len(self.evaluating) >= MAX_LINK_DEPTH:
+            raise self.fail(node_id, f"links nest deeper than {MAX_LINK_DEPTH} nodes")
         outputs = self.evaluate(source)
         if not 0 <= index < len(outputs):
             raise self.fail(
@@ -207,7 +225,11 @@ class _Translator:
     def evaluate(self, node_id: str) -> tuple[Any, ...]:
         if node_id not in self.memo:
             node = self.prompt[node_id]
-            self.memo[node_id] = self.handlers[node["class_type"]](node_id, node.get("inputs", {}))
+            self.evaluating.append(node_id)
+            try:
+                self.memo[node_id] = self.handlers[node["class_type"]](node_id, node.get("inputs", {}))
+            finally:
+                self.evaluating.pop()
         return self.memo[node_id]
 
     def request_input(self, name: str, default: Any, kind: type, **limits: Any) -> Handle:
@@ -352,8 +374,10 @@ class _Translator:
         if main:
             seed_value: Handle | int = self.request_input("seed", seed, int, minimum=0, maximum=2**63 - 1)
             steps_value: Handle | int = self.request_input("steps", steps, int, minimum=1, maximum=200)
-            cfg_value: Handle | float = self.request_input(
-                "guidance_scale", cfg, float, minimum=0, maximum=100
+            cfg_value: Handle | float = (
+                cfg  # FLUX.1: guidance_scale is FluxGuidance's (declared below), not declared twice
+                if model.checkpoint.family == "flux"
+                else self.request_input("guidance_scale", cfg, float, minimum=0, maximum=100)
             )
         else:
             seed_value, steps_value, cfg_value = seed, steps, cfg
@@ -475,8 +499,21 @@ class _Translator:
         return None
 
 
-def _sort_key(node_id: str) -> tuple[int, str]:
-    return (int(node_id), "") if node_id.isdigit() else (1 << 62, node_id)
+def _sort_key(node_id: str) -> tuple[int, int, str]:
+    """Numeric ids in numeric order, then the others. ASCII digits only (int() refuses '²', which
+    isdigit() accepts) and compared as (length, text): int() refuses ids of over 4300 digits."""
+    if node_id.isascii() and node_id.isdigit():
+        digits = node_id.lstrip("0")
+        return (0, len(digits), digits)
+    return (1, 0, node_id)
+
+
+def _show(value: Any) -> str:
+    """A value as an error message shows it: short (a message must not echo a megabyte back)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+        return "an integer outside the 64-bit range"  # repr() of a huge int may even raise
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 OUTPUT_CLASSES = ("SaveImage", "PreviewImage")
@@ -500,8 +537,10 @@ def import_comfyui(
     for node_id, node in sorted(prompt.items(), key=lambda item: _sort_key(item[0])):
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
             errors.append(f"node {node_id}: needs a class_type (a string) and inputs")
+        elif not isinstance(node.get("inputs", {}), dict):
+            errors.append(f"node {node_id}: inputs must be a JSON object, got {_show(node['inputs'])}")
         elif node["class_type"] not in known:
-            errors.append(f"node {node_id}: unsupported ComfyUI node class {node['class_type']!r}")
+            errors.append(f"node {node_id}: unsupported ComfyUI node class {_show(node['class_type'])}")
     if errors:
         raise ComfyUIError([*errors, f"supported node classes: {', '.join(sorted(known))}"])
     with Workflow(name, description=description or f"imported from ComfyUI ({len(prompt)} nodes)") as wf:

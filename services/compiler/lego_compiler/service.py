@@ -22,6 +22,20 @@ from lego_compiler.comfyui import ComfyUIError, import_comfyui
 
 log = structlog.get_logger("lego.compiler")
 REGISTRATION_TTL_S = 5.0
+# gRPC carries a status message percent-encoded in a trailer; trailers over 8 KiB may be refused and
+# over 16 KiB are (RESOURCE_EXHAUSTED, "received metadata size exceeds hard limit"): errors that echo a
+# caller's huge names are cut to this many UTF-8 bytes (at most 3 encoded bytes each).
+MAX_STATUS_BYTES = 2000
+
+
+def status_message(errors: list[str]) -> str:
+    """Every error, joined, or as many as fit in MAX_STATUS_BYTES (and how many there were)."""
+    message = "; ".join(errors)
+    if len(message.encode()) <= MAX_STATUS_BYTES:
+        return message
+    suffix = f" ... ({len(errors)} errors in all)"
+    cut = message.encode()[: MAX_STATUS_BYTES - len(suffix)].decode(errors="ignore")
+    return cut + suffix
 
 
 def summarize(spec: compiler_pb2.WorkflowSpec) -> compiler_pb2.WorkflowSummary:
@@ -62,7 +76,7 @@ class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
     ) -> compiler_pb2.RegisterWorkflowReply:
         errors = validate_spec(request) or source_refusals(request, self.policy)
         if errors:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(errors))
         return await self._store(request)
 
     async def ImportComfyUI(
@@ -71,16 +85,16 @@ class CompilerServicer(compiler_pb2_grpc.CompilerServicer):
         try:
             prompt = json.loads(request.workflow_json)
             spec = import_comfyui(prompt, "comfy")
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:  # RecursionError: nested too deep
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"workflow_json: not JSON ({error})")
             raise AssertionError("unreachable") from None
         except ComfyUIError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(error.errors))
             raise AssertionError("unreachable") from None
         spec.name = structure_name(spec)
         errors = validate_spec(spec) or source_refusals(spec, self.policy)
         if errors:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(errors))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, status_message(errors))
         registered = await self._store(spec)
         return compiler_pb2.ImportComfyUIReply(workflow=spec, registered=registered)
 
