@@ -8,9 +8,7 @@ Every refusal is a 4xx in the gateway's one error shape naming the field
 (`{"error": {"type", "message", "details", "extra_info"}, "node_errors": {...}}`), never a 5xx; the
 cluster still serves a valid request afterwards.
 
-Defects found here in code outside this suite's reach are listed in KNOWN_DEFECTS: the sweeps skip
-them, and each has a strict xfail test that asserts the right behaviour (it XPASSes, and so fails,
-once fixed: then its entry goes).
+FIXED_DEFECTS lists what these tests found outside the compiler (each fixed, each kept as a test).
 """
 
 from __future__ import annotations
@@ -51,9 +49,9 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64"/></svg>'
 
-# Open defects in files this suite may not change (the gateway, lego.values, the worker): label -> what
-# is wrong and where it would be fixed. Each is reproduced by test_known_defect below.
-KNOWN_DEFECTS = {
+# Defects these tests found in the gateway and the data engine: label -> what was wrong (all fixed;
+# test_fixed_defects_stay_fixed keeps each one).
+FIXED_DEFECTS = {
     "json int beyond 64 bits": (
         "a JSON integer input beyond int64 (seed 1e30 as an int) answers 500: lego.values.to_value "
         "raises ValueError('Value out of range') in lego_gateway.rest.submit; want 400 naming the input"
@@ -312,10 +310,10 @@ async def test_malformed_comfyui_workflows_are_400_in_comfyuis_shape() -> None:
         await assert_serves(http)
 
 
-# ---- the open defects, each asserting the right behaviour (strict xfail) ----
+# ---- the defects found here and fixed, each asserting the right behaviour ----
 
 
-async def _known_defect(label: str, http: httpx.AsyncClient) -> None:
+async def _fixed_defect(label: str, http: httpx.AsyncClient) -> None:
     if label == "json int beyond 64 bits":
         response = await post(
             http, "/v1/generate", {"workflow": TINY_SD15_TXT2IMG, "inputs": {**VALID, "seed": 10**30}}
@@ -345,13 +343,7 @@ async def _known_defect(label: str, http: httpx.AsyncClient) -> None:
         assert response.status_code == 400, response.text[:300]
 
 
-@pytest.mark.parametrize(
-    "label",
-    [
-        pytest.param(label, marks=pytest.mark.xfail(strict=True, reason=reason))
-        for label, reason in KNOWN_DEFECTS.items()
-    ],
-)
-async def test_known_defect(label: str) -> None:
+async def test_fixed_defects_stay_fixed() -> None:
     async with EmbeddedCluster(workers=1, http_port=0) as cluster, rest(cluster) as http:
-        await _known_defect(label, http)
+        for label in FIXED_DEFECTS:
+            await _fixed_defect(label, http)

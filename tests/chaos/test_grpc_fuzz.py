@@ -42,6 +42,7 @@ from lego.v1 import (
 from lego.values import to_values
 from lego_cli.cluster import EmbeddedCluster
 from lego_dataengine import service as dataengine
+from lego_dataengine.parts import PartStreams
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,15 +58,6 @@ RAW_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 UNPARSABLE = "Unexpected <class 'google.protobuf.message.DecodeError'>: Error parsing message with type"
-# Open defects outside the files this suite may fix, each reproduced by a strict xfail test below
-# (when it is fixed, that test passes, fails as XPASS, and its entry here goes):
-# (service, method, start of the status details) -> what is wrong.
-KNOWN_DEFECTS = {
-    ("DataEngine", "ReadParts", "Unexpected <class 'IndexError'>"): (
-        "lego_dataengine.parts.PartStreams.read: a negative ReadPartsRequest.start indexes parts[-n] "
-        "of an empty stream (IndexError -> UNKNOWN) instead of INVALID_ARGUMENT"
-    ),
-}
 
 
 def raw_channel(address: str) -> grpc.aio.Channel:
@@ -240,11 +232,6 @@ def judge(
     unparsable = not all(parses(cls, item) for item in data)
     if code == grpc.StatusCode.UNKNOWN and (details or "").startswith(documented) and unparsable:
         return None  # grpc.aio's own answer to bytes that are not a request (see the docstring)
-    if any(
-        (service, method.name) == (known_service, known_method) and (details or "").startswith(start)
-        for known_service, known_method, start in KNOWN_DEFECTS
-    ):
-        return None  # an open defect, listed above and reproduced by its own xfail test
     return f"{service}.{method.name} {[item[:40] for item in data]!r}: {code.name} {(details or '')[:300]}"
 
 
@@ -398,8 +385,7 @@ async def test_garbage_to_every_method_is_refused_and_the_cluster_keeps_serving(
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason=next(iter(KNOWN_DEFECTS.values())))
-async def test_known_defect_read_parts_with_a_negative_start() -> None:
+async def test_read_parts_with_a_negative_start_is_invalid_and_leaves_no_stream() -> None:
     engine = await dataengine.serve(None, arena_mib=8)
     try:
         async with raw_channel(engine.address) as chan:
@@ -409,6 +395,12 @@ async def test_known_defect_read_parts_with_a_negative_start() -> None:
                 _ = [part async for part in stream]
     finally:
         await engine.stop()
-    assert caught.value.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (
-        caught.value.details()
-    )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "start must be ≥ 0, got -1" in (caught.value.details() or "")
+
+
+async def test_a_reader_of_a_stream_nobody_publishes_leaves_nothing_behind() -> None:
+    streams = PartStreams()
+    with pytest.raises(TimeoutError):
+        _ = [part async for part in streams.read("never-published", 0, timeout_s=0.05)]
+    assert len(streams) == 0

@@ -51,13 +51,22 @@ class PartStreams:
     async def read(
         self, stream_id: str, start: int, timeout_s: float
     ) -> AsyncIterator[dataengine_pb2.TensorPart]:
-        """Parts from `start` on, each as soon as it is published; TimeoutError if one takes too long."""
+        """Parts from `start` on, each as soon as it is published; TimeoutError if one takes too long.
+        A reader may come before the first part (the stream is made for it); a stream that got no
+        part before the reader gave up is dropped again, so unknown ids leave nothing behind."""
+        if start < 0:
+            raise ValueError(f"start must be ≥ 0, got {start}")
         stream = self._streams.setdefault(stream_id, PartStream())
         index = start
         while True:
             async with stream.changed:
-                async with asyncio.timeout(timeout_s):
-                    await stream.changed.wait_for(lambda: len(stream.parts) > index)  # noqa: B023
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await stream.changed.wait_for(lambda: len(stream.parts) > index)  # noqa: B023
+                except TimeoutError:
+                    if not stream.parts and self._streams.get(stream_id) is stream:
+                        del self._streams[stream_id]
+                    raise
                 part = stream.parts[index]
             yield part
             if part.last:

@@ -324,6 +324,8 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"stream {request.stream_id}: no part came"
             )
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
     async def Release(
         self, request: dataengine_pb2.ReleaseTensorsRequest, context: grpc.aio.ServicerContext

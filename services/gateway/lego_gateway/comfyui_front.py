@@ -88,7 +88,8 @@ def _body(schema: dict[str, Any], required: bool = False) -> dict[str, Any]:
 
 
 def _sort_key(node_id: str) -> tuple[int, str]:
-    return (int(node_id), "") if node_id.isdigit() else (1 << 62, node_id)
+    numeric = node_id.isascii() and node_id.isdigit() and len(node_id) <= 18
+    return (int(node_id), "") if numeric else (1 << 62, node_id)
 
 
 def _nodes(prompt: dict[str, Any], classes: tuple[str, ...]) -> list[str]:
@@ -480,7 +481,7 @@ def add_routes(app: FastAPI, core: GatewayCore, limits: GatewayLimits | None = N
         """Queue an API-format workflow: `{"prompt": {...}, "client_id": "...", "extra_data": {...}}`."""
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             return comfy_error(400, "invalid_prompt", "the request body is not JSON")
         if not isinstance(body, dict) or "prompt" not in body:
             return comfy_error(400, "no_prompt", "No prompt provided", "No prompt provided")
@@ -534,7 +535,7 @@ def add_routes(app: FastAPI, core: GatewayCore, limits: GatewayLimits | None = N
         """`{"clear": true}` or `{"delete": [prompt_id, ...]}`: forget finished prompts."""
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             body = {}
         body = body if isinstance(body, dict) else {}
         doomed = [r.prompt_id for r, t in front.live() if t.finished] if body.get("clear") is True else []
@@ -555,7 +556,7 @@ def add_routes(app: FastAPI, core: GatewayCore, limits: GatewayLimits | None = N
         """Cancel `{"prompt_id": ...}`, or without one every unfinished prompt posted here."""
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             body = {}
         wanted = body.get("prompt_id") if isinstance(body, dict) else None
         for record, tracked in front.live():

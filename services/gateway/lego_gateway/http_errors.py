@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from lego.errors import InvalidRequest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lego_gateway.tracking import GatewayError
 
@@ -58,6 +59,18 @@ async def error_response(request: Request, error: Exception) -> JSONResponse:
         return error_json(grpc.StatusCode.INVALID_ARGUMENT, error.message, error.field)
     assert isinstance(error, GatewayError)
     return error_json(error.code, error.message, error.field)
+
+
+STATUS_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED"}
+
+
+async def http_error_response(request: Request, error: Exception) -> JSONResponse:
+    """Starlette's own refusals (an unknown path, a wrong method, a body that is not JSON)."""
+    assert isinstance(error, StarletteHTTPException)
+    code = STATUS_CODES.get(error.status_code, "INVALID_ARGUMENT" if error.status_code < 500 else "INTERNAL")
+    field = "body" if error.status_code == 400 else ""
+    body = error_body(code, str(error.detail), error.status_code, field)
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
 async def validation_error_response(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -13,6 +13,7 @@ from lego.errors import InvalidRequest
 from lego.values import Scalar
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+MIN_IMAGE_SIDE = 8  # one latent cell of the VAE
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,13 @@ def is_image_input(name: str) -> bool:
     return name == "image" or name.startswith("image_") or name.endswith("_image")
 
 
+INT64 = 2**63
+
+
 def check_inputs(inputs: dict[str, Scalar], limits: GatewayLimits) -> None:
     for name, value in inputs.items():
+        if isinstance(value, int) and not -INT64 <= value < INT64:
+            raise InvalidRequest(name, f"{name} must fit in 64 bits, got {str(value)[:40]}")
         if isinstance(value, str) and "prompt" in name and len(value) > limits.max_prompt_chars:
             raise InvalidRequest(
                 name, f"{name} must be at most {limits.max_prompt_chars} characters, got {len(value)}"
@@ -65,6 +71,10 @@ def check_image(name: str, value: Scalar, limits: GatewayLimits) -> None:
         raise InvalidRequest(name, f"{name} is not a readable image ({error})") from None
     if image_format not in IMAGE_FORMATS:
         raise InvalidRequest(name, f"{name} must be one of {', '.join(IMAGE_FORMATS)}, got {image_format}")
+    if name != "control_image" and min(width, height) < MIN_IMAGE_SIDE:  # control images are resized
+        raise InvalidRequest(
+            name, f"{name} must be at least {MIN_IMAGE_SIDE} pixels on each side, got {width}x{height}"
+        )
     if width * height > limits.max_image_pixels:
         raise InvalidRequest(
             name, f"{name} must have at most {limits.max_image_pixels} pixels, got {width}x{height}"

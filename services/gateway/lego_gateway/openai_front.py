@@ -101,6 +101,8 @@ def add_routes(app: FastAPI, core: GatewayCore, limits: GatewayLimits) -> None:
         except (GatewayError, InvalidRequest) as error:
             if error.field in ("height", "width"):
                 error.field = "size"
+            elif error.field == "workflow":
+                error.field = "model"
             raise
         outcomes = await asyncio.gather(*(t.wait() for t in tracked), return_exceptions=True)
         failures = [o for o in outcomes if isinstance(o, BaseException)]

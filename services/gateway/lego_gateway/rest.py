@@ -21,10 +21,11 @@ from lego.store import MemoryStore
 from lego.v1 import compiler_pb2, gateway_pb2
 from lego.values import to_values
 from pydantic import BaseModel, Field, JsonValue
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lego_gateway import comfyui_front, openai_front
 from lego_gateway.core import GatewayCore
-from lego_gateway.http_errors import error_response, validation_error_response
+from lego_gateway.http_errors import error_response, http_error_response, validation_error_response
 from lego_gateway.limits import GatewayLimits, check_inputs
 from lego_gateway.tracking import GatewayError, TrackedRequest
 
@@ -127,6 +128,7 @@ def build_rest_app(core: GatewayCore, limits: GatewayLimits | None = None) -> Fa
     )
     app.add_exception_handler(RequestValidationError, validation_error_response)  # type: ignore[arg-type]
     app.add_exception_handler(GatewayError, error_response)
+    app.add_exception_handler(StarletteHTTPException, http_error_response)
     app.add_exception_handler(InvalidRequest, error_response)
 
     async def submit(body: SubmitBody, idempotency_key: str) -> TrackedRequest:
