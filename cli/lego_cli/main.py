@@ -24,7 +24,7 @@ from lego_gateway.auth import check_bind, load_api_keys
 from lego_worker.__main__ import add_backend_flags
 from lego_worker.agent import WorkerConfig
 
-from lego_cli import scaling, sim, workflows_cli
+from lego_cli import chaos, scaling, sim, workflows_cli
 from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     workflows_cli.configure(commands.add_parser("workflows", help="list, compile or register workflows"))
     sim.configure(commands.add_parser("sim", help="simulate a trace on N profiled GPUs under a policy"))
+    chaos.configure(
+        commands.add_parser("chaos", help="a process cluster under load with random faults; JSON outcomes")
+    )
     scaling.configure(
         commands.add_parser("scale-workers", help="grow or shrink a running `lego up --store etcd://…`")
     )
@@ -341,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             return scaling.run(args)
         if args.command == "sim":
             return sim.run(args)
+        if args.command == "chaos":
+            return chaos.run(args)
         if args.command == "bench":
             result: int = import_module(BENCHMARKS[args.benchmark]).run(args)
             return result

@@ -82,14 +82,34 @@ class DataPlane:
         self._use_arena = shared_memory
         self._arena: mmap.mmap | None = None
         self._arena_checked = False
+        self._arena_id: tuple[str, bytes] = ("", b"")  # the mapped segment's path and token
 
     async def arena(self) -> mmap.mmap | None:
         """The engine's arena mapped into this process, or None when it is on another host."""
         if self._use_arena and not self._arena_checked:
-            info = await self._stub.Arena(common_pb2.Empty())
-            self._arena = arena_layout.attach(info.path, info.token)
-            self._arena_checked = True
+            await self._map_arena()
         return self._arena
+
+    async def _map_arena(self) -> None:
+        """Map the arena the engine serves now, unless it is the one already mapped."""
+        info = await self._stub.Arena(common_pb2.Empty())
+        if not self._arena_checked or (info.path, info.token) != self._arena_id:
+            self._arena = arena_layout.attach(info.path, info.token)
+            self._arena_id = (info.path, info.token)
+            self._arena_checked = True
+
+    async def _replaced(self, arena: mmap.mmap, tensor_id: str, found: tuple[int, int]) -> bool:
+        """Whether `arena` is no longer the engine's (a SIGKILLed engine brought back on the same
+        address serves a new one). The engine has just placed `tensor_id` at `found`, so the index of
+        its arena names it there; only when the mapped index does not (or an index slot was taken
+        meanwhile) the engine is asked which arena it serves, and that one is mapped."""
+        if len(tensor_id.encode()) > arena_layout.MAX_INDEXED_ID:
+            return False  # never indexed: nothing to check against
+        if arena_layout.lookup(arena, tensor_id) == found:
+            return False
+        if self._arena is arena:  # not remapped by a concurrent call yet
+            await self._map_arena()
+        return self._arena is not arena
 
     async def put(self, tensor_id: str, array: np.ndarray, consumers: int = 0) -> common_pb2.TensorHandle:
         """Publish a tensor; with `consumers` > 0 it is freed after that many `release` calls."""
@@ -108,6 +128,8 @@ class DataPlane:
         handle: common_pb2.TensorHandle = await self._stub.Commit(
             dataengine_pb2.CommitRequest(tensor_id=tensor_id)
         )
+        if await self._replaced(arena, tensor_id, (placement.offset, header.nbytes)):
+            return await self.put(tensor_id, array, consumers)  # the bytes went to the old arena
         return handle
 
     async def put_many(self, outputs: list[tuple[str, np.ndarray]]) -> list[common_pb2.TensorHandle]:
@@ -141,6 +163,8 @@ class DataPlane:
         if found is None or found[1] != handle.nbytes or not handle.dtype:
             placement = await self._stub.Locate(dataengine_pb2.GetTensorRequest(handle=handle))
             found = placement.offset, placement.handle.nbytes
+            if await self._replaced(arena, handle.tensor_id, found):
+                return await self.get(handle)
             if not handle.dtype:  # a pending handle: dtype and shape are known once it arrives
                 handle = placement.handle
         view = np.frombuffer(

@@ -156,21 +156,24 @@ async def open_store(url: str) -> ClusterStore:
 
 
 async def wait_for_key(store: ClusterStore, key: str, timeout_s: float) -> bytes:
-    """The value of `key`, waiting for it to appear (a service registering itself)."""
+    """The value of `key`, waiting for it to appear (a service registering itself), and for the store
+    to answer again while it cannot (an etcd restart): TimeoutError after `timeout_s` either way."""
     async with asyncio.timeout(timeout_s):
         while True:
-            value = await store.get(key)
-            if value is not None:
-                return value
+            with contextlib.suppress(Exception):  # the store is unreachable for now: ask again
+                value = await store.get(key)
+                if value is not None:
+                    return value
             await asyncio.sleep(0.05)
 
 
 async def wait_for_prefix(store: ClusterStore, prefix: str, timeout_s: float) -> dict[str, bytes]:
     async with asyncio.timeout(timeout_s):
         while True:
-            values = await store.get_prefix(prefix)
-            if values:
-                return values
+            with contextlib.suppress(Exception):  # as in wait_for_key
+                values = await store.get_prefix(prefix)
+                if values:
+                    return values
             await asyncio.sleep(0.05)
 
 

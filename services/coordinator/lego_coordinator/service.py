@@ -272,9 +272,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
         for outbox in self._outboxes.values():
             outbox.put_nowait(message)
-        for stub in self._dataengines.values():
+        for stub in list(self._dataengines.values()):
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.Free(dataengine_pb2.FreeRequest(request_id=request_id), timeout=5)
+                # wait_for_ready: an engine that was restarted a moment ago is reached once its
+                # channel reconnects, instead of failing fast (and leaking the request's tensors)
+                await stub.Free(
+                    dataengine_pb2.FreeRequest(request_id=request_id), timeout=5, wait_for_ready=True
+                )
 
     async def ClusterStatus(
         self, request: common_pb2.Empty, context: grpc.aio.ServicerContext
@@ -320,6 +324,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         log.info("worker_joined", worker_id=worker_id, address=hello.address, backend=hello.backend)
         self.pump()
         writer = asyncio.create_task(self._write_outbox(outbox, context))
+        stepped_down = False
         try:
             while True:
                 message = await context.read()
@@ -329,6 +334,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     self._on_result(worker_id, message.result)
                 elif message.WhichOneof("message") == "drain":
                     self._on_drain(worker_id)
+        except asyncio.CancelledError:
+            if self.leading:
+                raise
+            stepped_down = True  # dropped by `lead` (below), not by the worker
         finally:
             await cancel_task(writer)
             if self._outboxes.get(worker_id) is outbox:
@@ -339,6 +348,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 self._publish(self.scheduler.remove_worker(worker_id))
                 log.info("worker_left", worker_id=worker_id)
                 self.pump()
+        if stepped_down:
+            # End the call with a status: a cancelled handler alone leaves it open on the worker's
+            # side, and the worker would never reconnect to the new leader.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this coordinator stepped down")
 
     async def _write_outbox(
         self, outbox: asyncio.Queue[coordinator_pb2.CoordinatorMessage], context: grpc.aio.ServicerContext
@@ -392,7 +405,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         """Free tensors no node will read again, with every replica (each engine drops its own)."""
         for stub in list(self._dataengines.values()):
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.Free(dataengine_pb2.FreeRequest(tensor_ids=tensor_ids), timeout=5)
+                await stub.Free(
+                    dataengine_pb2.FreeRequest(tensor_ids=tensor_ids), timeout=5, wait_for_ready=True
+                )
 
     # ---- leadership ----
 
@@ -417,6 +432,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             log.warning("leadership_lost_stepping_down", address=address)
             for stream in list(self._streams.values()):
                 stream.cancel()  # workers reconnect to whoever leads now
+            stepped_down = coordinator_pb2.RequestFailed(
+                code=grpc.StatusCode.UNAVAILABLE.value[0], message="the coordinator stepped down"
+            )
+            for request_log in self.logs.values():  # their gateways resubmit them to the new leader
+                if not request_log.terminal:
+                    request_log.append(coordinator_pb2.RequestEvent(failed=stepped_down))
+            self.logs.clear()
 
     async def _tick(self) -> None:
         while True:
