@@ -12,7 +12,7 @@ import time
 from importlib import import_module
 from pathlib import Path
 
-from lego.builtin_workflows import TINY_SD15_TXT2IMG
+from lego.builtin_workflows import LEGO_SHAPES_TXT2IMG, TINY_SD15_TXT2IMG
 from lego.client import AsyncGatewayClient, GatewayClient, GeneratedImage, LegoError
 from lego.errors import InvalidRequest, StoreUnavailable
 from lego.log import configure_logging
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start an embedded cluster, generate one image, exit")
     _add_generation_flags(demo, prompt_required=False)
+    demo.set_defaults(workflow=LEGO_SHAPES_TXT2IMG)  # the trained shapes model draws the prompt
     demo.add_argument("--workers", type=int, default=1)
     add_backend_flags(demo)
     add_policy_flags(demo)

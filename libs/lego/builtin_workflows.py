@@ -26,6 +26,8 @@ from lego.workflow import (
 )
 
 TINY_SD15_TXT2IMG = "tiny-sd15-txt2img"
+LEGO_SHAPES_TXT2IMG = "lego-shapes-txt2img"  # the trained shapes demo model (`lego-shapes` preset)
+LEGO_SHAPES_GUIDANCE = 2.0  # its best: above 3 its colours fall apart (see its MODEL_CARD.md)
 MAX_PROMPT_CHARS = 2000
 MAX_SIDE = 2048
 MAX_STEPS = 200
@@ -63,9 +65,10 @@ def _sd15(
     loras: Sequence[LoRA] = (),
     controlnet: str = "",  # a ControlNet model id
     img2img: bool = False,
+    default_guidance: float = 7.5,
 ) -> compiler_pb2.WorkflowSpec:
     with Workflow(name, description=description) as wf:
-        given = _common_inputs(wf, default_size)
+        given = _common_inputs(wf, default_size, guidance=default_guidance)
         encoder = TextEncoder(f"{source}:text_encoder")
         adapters = []
         if controlnet:
@@ -100,7 +103,12 @@ def _sd15(
 
 
 def sd15_txt2img(
-    name: str, source: str, *, default_size: int = 512, loras: Sequence[LoRA] = ()
+    name: str,
+    source: str,
+    *,
+    default_size: int = 512,
+    loras: Sequence[LoRA] = (),
+    default_guidance: float = 7.5,
 ) -> compiler_pb2.WorkflowSpec:
     """SD 1.5 text-to-image with classifier-free guidance (on when guidance_scale > 1)."""
     what = "with LoRA " if loras else ""
@@ -110,6 +118,7 @@ def sd15_txt2img(
         f"SD 1.5 text-to-image {what}with CFG ({source})",
         default_size=default_size,
         loras=loras,
+        default_guidance=default_guidance,
     )
 
 
@@ -285,5 +294,8 @@ def builtin_workflows() -> list[compiler_pb2.WorkflowSpec]:
             default_size=64,
             default_steps=4,
             default_guidance=0.0,
+        ),
+        sd15_txt2img(
+            LEGO_SHAPES_TXT2IMG, "lego-shapes", default_size=64, default_guidance=LEGO_SHAPES_GUIDANCE
         ),
     ]

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from lego_worker.shapes import fidelity
 
 from tests.conftest import EtcdProcess, free_port
 from tests.pipeline_reference import decode_png
@@ -118,14 +118,17 @@ def test_lego_up_with_unreachable_etcd_names_the_address() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_lego_demo_writes_a_png_and_a_json_summary_last(tmp_path: Path) -> None:
+def test_lego_demo_draws_its_prompt_and_prints_a_json_summary_last(tmp_path: Path) -> None:
     out = tmp_path / "demo.png"
+    prompt = "a yellow square on a black background"
     result = subprocess.run(
-        [*LEGO, "demo", "--out", str(out), "--steps", "4"], capture_output=True, text=True, timeout=300
+        [*LEGO, "demo", "--out", str(out), "--prompt", prompt], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(summary) >= {"out", "latency_s", "nodes_executed"}
-    assert summary["nodes_executed"] == 3 * 5 + 4
+    assert summary["nodes_executed"] == 3 * 21 + 4  # 20 PNDM steps + 1, CFG: micro-served
     image = decode_png(out.read_bytes())
-    assert image.shape == (128, 128, 3) and np.ptp(image) > 0
+    assert image.shape == (64, 64, 3)
+    reading = fidelity.read(image)  # the checker is not the model
+    assert (reading.shape, reading.colour, reading.background) == ("square", "yellow", "black"), reading

@@ -22,6 +22,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from lego_worker import presets, presets_flux, presets_sd3
 from lego_worker.flux import FluxTextEncoders
 from lego_worker.sd3 import SD3TextEncoders
+from lego_worker.shapes.model import LEGO_SHAPES, build_lego_shapes
 
 PRESET_BUILDERS: dict[str, Any] = {
     presets.TINY_SD15: presets.build_tiny_sd15,
@@ -29,6 +30,7 @@ PRESET_BUILDERS: dict[str, Any] = {
     presets_flux.TINY_FLUX_DEV: presets_flux.build_tiny_flux_dev,
     presets_flux.TINY_FLUX_SCHNELL: presets_flux.build_tiny_flux_schnell,
     presets_sd3.TINY_SD3: presets_sd3.build_tiny_sd3,
+    LEGO_SHAPES: build_lego_shapes,  # trained demo model: committed weights (lego_worker/shapes)
 }
 
 
