@@ -150,12 +150,12 @@ def _pooled_family(
     img2img: bool = False,
 ) -> compiler_pb2.WorkflowSpec:
     """SDXL (a UNet) or SD3 (a transformer): a text-encoder stack with pooled embeddings, CFG,
-    one iteration per step; optionally a ControlNet (SDXL) or img2img."""
+    one iteration per step; optionally a ControlNet or img2img."""
     sd3 = family == "sd3"
     what = "image-to-image" if img2img else "text-to-image"
     with Workflow(name, description=f"{family.upper()} {what} with CFG ({source})") as wf:
         given = _common_inputs(wf, default_size, guidance=7.0 if sd3 else 5.0)
-        adapters = _controlnet_inputs(wf, given, source, controlnet) if controlnet else []
+        adapters = _controlnet_inputs(wf, given, source, controlnet, sd3) if controlnet else []
         encoders = TextEncoder(f"{source}:text_encoders")
         embeds, pooled = encoders.encode_pooled(given.prompt)
         negative_embeds, negative_pooled = encoders.encode_pooled(given.negative)
@@ -202,19 +202,26 @@ def sdxl_img2img(name: str, source: str, *, default_size: int = 1024) -> compile
     return _pooled_family(name, source, "sdxl", default_size=default_size, img2img=True)
 
 
-def _controlnet_inputs(wf: Workflow, given: _CommonInputs, source: str, controlnet: str) -> list[AdapterUse]:
+def _controlnet_inputs(
+    wf: Workflow, given: _CommonInputs, source: str, controlnet: str, sd3: bool = False
+) -> list[AdapterUse]:
     model = controlnet if ":" in controlnet else f"{source}:{controlnet}"
     image = wf.input("control_image", str, min_length=1)
     scale = wf.input("controlnet_scale", float, default=1.0, minimum=0, maximum=10)
+    if sd3:  # conditioned on the control image's VAE latents, the image resized as the pipeline does
+        pixels = load_resized_image(image, given.height, given.width)
+        return [ControlNet(model).apply_sd3(VAE(f"{source}:vae").encode_control(pixels), scale)]
     return [ControlNet(model).apply(load_control_image(image, given.height, given.width), scale)]
 
 
 def sd3_txt2img(
-    name: str, source: str, *, default_size: int = 1024, loras: Sequence[LoRA] = ()
+    name: str, source: str, *, default_size: int = 1024, loras: Sequence[LoRA] = (), controlnet: str = ""
 ) -> compiler_pb2.WorkflowSpec:
     """SD3 / SD3.5 text-to-image with CFG: CLIP-L + CLIP-G + T5 (`<source>:text_encoders`), the
-    MMDiT transformer, flow-matching Euler (one iteration per step), a shifted VAE."""
-    return _pooled_family(name, source, "sd3", default_size=default_size, loras=loras)
+    MMDiT transformer, flow-matching Euler (one iteration per step), a shifted VAE. With
+    `controlnet` (a component of `source` such as `controlnet_canny`, or a whole model id): inputs
+    `control_image`, `controlnet_scale`."""
+    return _pooled_family(name, source, "sd3", default_size=default_size, loras=loras, controlnet=controlnet)
 
 
 def sd3_img2img(name: str, source: str, *, default_size: int = 1024) -> compiler_pb2.WorkflowSpec:

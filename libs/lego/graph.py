@@ -3,8 +3,9 @@
 - `validate_spec` (from `lego.validation`): every error in a template, naming the node and the input.
 - `instantiate`: one request's graph: the denoise loop unrolled for its step count, CFG branches
   split into separate denoiser nodes, one ControlNet node per step and branch (its residuals a
-  deferred input of that branch's denoiser call), img2img's start timestep from `strength`, dead
-  nodes removed, depth from the sinks, consumer counts.
+  deferred input of that branch's denoiser call; an SD3 ControlNet's control image encoded with one
+  copy per branch), img2img's start timestep from `strength`, dead nodes removed, depth from the
+  sinks, consumer counts.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ Adapter = tuple[str, str, dict[str, Ref | Scalar]]  # (kind, model, inputs)
 CONTROLLED_MODES = {
     "denoise": ("residuals", "denoise_controlled"),
     "denoise_pooled": ("residuals_pooled", "denoise_pooled_controlled"),
+    "denoise_sd3": ("residuals_sd3", "denoise_sd3_controlled"),
 }
 _SCHEDULER_OUTPUTS = ("latents", "model_input", "timestep")
 
@@ -140,6 +142,7 @@ def _init_node(
     iterations: int,
     start: int,
     adapters: list[Adapter],
+    control_encode: str,
 ) -> TaskNode:
     init_inputs: dict[str, Ref | Scalar] = {
         "seed": inputs["seed"],
@@ -164,6 +167,10 @@ def _init_node(
             mode = "init_flow_control"
             init_inputs |= {name: adapter_inputs[name] for name in ("control_dist", "control_scaling")}
             outputs = (*_SCHEDULER_OUTPUTS, "control_latents")
+    if control_encode:  # SD3: the control latents are sampled with the request's seed first
+        mode = "init_control"
+        init_inputs["control_dist"] = Ref(control_encode, "latent_dist")
+        outputs = (*_SCHEDULER_OUTPUTS, "control_samples")
     node_id = f"{loop.id}/init"
     return TaskNode(
         node_id,
@@ -174,6 +181,26 @@ def _init_node(
         outputs,
         state_key=loop.id,
     )
+
+
+def _sd3_control_encode(
+    loop: compiler_pb2.NodeSpec, adapters: list[Adapter], nodes: dict[str, TaskNode], copies: int
+) -> str:
+    """The id of the node that encodes an SD3 ControlNet's control image for this request ("" when
+    the loop has none): the template's `vae.encode_control` (validation ensures it) run on one copy
+    per CFG branch in one call, as StableDiffusion3ControlNetPipeline encodes it. The template's
+    node, left without consumers, is dropped with the dead nodes."""
+    for kind, _, adapter_inputs in adapters:
+        if kind == "sd3_controlnet":
+            template = adapter_inputs["control_dist"]
+            assert isinstance(template, Ref)
+            source = nodes[template.node]
+            node_id = f"{loop.id}/control_encode"
+            outputs = operators.signature("vae", "encode_copies").outputs
+            call = {"pixels": source.inputs["pixels"], "copies": copies}
+            nodes[node_id] = TaskNode(node_id, source.op, source.model, "encode_copies", call, outputs)
+            return node_id
+    return ""
 
 
 def _unroll_denoise_loop(
@@ -202,7 +229,8 @@ def _unroll_denoise_loop(
     start = _img2img_start(loop, steps, inputs["strength"]) if "strength" in inputs else 0
     iterations = steps + extra_iterations - start
     patches = tuple((patch.source, patch.scale) for patch in loop.patches)
-    init = _init_node(loop, inputs, steps, iterations, start, adapters)
+    control_encode = _sd3_control_encode(loop, adapters, nodes, 2 if cfg else 1)
+    init = _init_node(loop, inputs, steps, iterations, start, adapters, control_encode)
     nodes[init.id] = init
     previous = init.id
     for step in range(iterations):
@@ -258,12 +286,20 @@ def _unroll_denoise_loop(
                 if denoiser_op == "transformer":  # SD3 / 3.5
                     mode = "denoise_sd3"
             for kind, model, adapter_inputs in adapters:  # validation allows one ControlNet
-                assert kind == "controlnet"
                 adapter_id = f"{prefix}/{branch}/controlnet"
                 adapter_mode, mode = CONTROLLED_MODES[mode]
                 outputs = operators.signature("controlnet", adapter_mode).outputs
+                adapter_call = {**call, **adapter_inputs}
+                if kind == "sd3_controlnet":  # the pipeline batches the branches uncond, cond
+                    adapter_call = {
+                        **call,
+                        "control_samples": Ref(init.id, "control_samples"),
+                        "control_row": 1 if cfg and branch == "cond" else 0,
+                        "control_scaling": Ref(control_encode, "latent_scaling"),
+                        "conditioning_scale": adapter_inputs["conditioning_scale"],
+                    }
                 nodes[adapter_id] = TaskNode(
-                    adapter_id, "controlnet", model, adapter_mode, {**call, **adapter_inputs}, outputs
+                    adapter_id, "controlnet", model, adapter_mode, adapter_call, outputs
                 )
                 call |= {output: Ref(adapter_id, output) for output in outputs}
                 deferred = frozenset(operators.signature(denoiser_op, mode).deferred)

@@ -76,6 +76,9 @@ _COMMON_TYPES = {
     "control_dist": LATENT_DIST,
     "control_scaling": LATENT_SCALING,
     "control_latents": LATENTS,
+    "control_samples": LATENTS,
+    "control_row": INT,
+    "copies": INT,
     "block_samples": RESIDUALS,
     "single_block_samples": RESIDUALS,
     "pooled": POOLED,
@@ -126,6 +129,9 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
     "transformer": {
         # SD3 / 3.5: CFG branches like the UNets, pooled embeddings as pooled projections
         "denoise_sd3": _mode((*_DENOISE_IN, "pooled_embeds"), ("noise_pred",)),
+        "denoise_sd3_controlled": _mode(
+            (*_DENOISE_IN, "pooled_embeds", "block_samples"), ("noise_pred",), deferred=("block_samples",)
+        ),
         "denoise_flux": _mode(
             (*_DENOISE_IN, "pooled_embeds", "guidance_scale", "height", "width"), ("noise_pred",)
         ),
@@ -164,6 +170,20 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
             (*_DENOISE_IN, "pooled_embeds", "control_image", "conditioning_scale"),
             ("down_residuals", "mid_residual"),
         ),
+        # SD3 / 3.5: block samples for the transformer's blocks (stacked on dim 1), conditioned on
+        # row `control_row` of the control image's sampled latents (the ControlNet shifts and scales
+        # it as its configuration says)
+        "residuals_sd3": _mode(
+            (
+                *_DENOISE_IN,
+                "pooled_embeds",
+                "control_samples",
+                "control_row",
+                "control_scaling",
+                "conditioning_scale",
+            ),
+            ("block_samples",),
+        ),
     },
     "noise_scheduler": {
         "init": _mode(_INIT_IN, _SCHEDULER_OUT, stateful=True),
@@ -183,6 +203,12 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
             (*_SCHEDULER_OUT, "control_latents"),
             stateful=True,
         ),
+        # SD3 ControlNet: sample the control image's latents (one row per CFG branch) first, then
+        # the noise, with the request's generator, as StableDiffusion3ControlNetPipeline does when
+        # its generator is torch's global one
+        "init_control": _mode(
+            (*_INIT_IN, "control_dist"), (*_SCHEDULER_OUT, "control_samples"), stateful=True
+        ),
         "step": _mode(("noise_pred", "latents", "step_index"), _SCHEDULER_OUT, stateful=True),
         "cfg_step": _mode(
             ("noise_pred_uncond", "noise_pred_cond", "latents", "step_index", "guidance_scale"),
@@ -197,6 +223,9 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
         # pass the image processor's channels-last view: the convolutions round differently)
         "encode_control": _mode(("pixels",), ("latent_dist", "latent_scaling")),
         "decode_packed": _mode(("latents", "height", "width"), ("image",)),  # FLUX.1
+        # `copies` copies of the image in one call, as StableDiffusion3ControlNetPipeline encodes its
+        # control image (one per CFG branch: a batch of 2 rounds differently from a batch of 1)
+        "encode_copies": _mode(("pixels", "copies"), ("latent_dist", "latent_scaling")),
     },
     # Image preprocessing (no model weights): a string is a data: URI (base64 PNG/JPEG) or a path.
     "image": {
@@ -256,6 +285,13 @@ ADAPTERS = {
     "controlnet": {"control_image": CONTROL_IMAGE, "conditioning_scale": FLOAT},
     # FLUX.1: the control image's VAE latents, sampled per request by the scheduler init
     "flux_controlnet": {
+        "control_dist": LATENT_DIST,
+        "control_scaling": LATENT_SCALING,
+        "conditioning_scale": FLOAT,
+    },
+    # SD3 / 3.5: the same inputs, from a `VAE.encode_control` node, which the loop runs again per
+    # request with one copy of the image per CFG branch
+    "sd3_controlnet": {
         "control_dist": LATENT_DIST,
         "control_scaling": LATENT_SCALING,
         "conditioning_scale": FLOAT,

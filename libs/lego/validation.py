@@ -224,13 +224,13 @@ class _Checker:
             )
         elif denoiser_op == "transformer" and "pooled_prompt_embeds" not in names:
             self.errors.append(f"{where}: a transformer denoiser (SD3) needs pooled_prompt_embeds")
-        elif denoiser_op == "transformer" and node.adapters:
-            self.errors.append(f"{where}: ControlNets for transformer denoisers (SD3) are not supported yet")
+        elif denoiser_op == "transformer" and node.adapters and "init_latents" in names:
+            self.errors.append(f"{where}: an SD3 ControlNet with img2img is not supported")
         present = self.groups(where, names, operators.DENOISE_LOOP_OPTIONAL_GROUPS)
         expected = {n: operators.DENOISE_LOOP_TYPES[n] for n in (*operators.DENOISE_LOOP_INPUTS, *present)}
         self.bindings(where, list(node.inputs), expected)
         self.patches(node)
-        self.adapters(node, "controlnet")
+        self.adapters(node, "sd3_controlnet" if denoiser_op == "transformer" else "controlnet")
 
     def groups(self, where: str, names: set[str], groups: tuple[tuple[str, ...], ...]) -> list[str]:
         """The optional loop inputs bound; each group is all or nothing."""
@@ -264,6 +264,26 @@ class _Checker:
             if not adapter.model:
                 self.errors.append(f"{adapter_where}: needs a model")
             self.bindings(adapter_where, list(adapter.inputs), operators.ADAPTERS[adapter.kind])
+            if adapter.kind == "sd3_controlnet":
+                self.control_encode(adapter_where, adapter)
+
+    def control_encode(self, where: str, adapter: compiler_pb2.Adapter) -> None:
+        """An SD3 ControlNet's latents come from one `vae.encode_control` node, which instantiation
+        runs again with one copy of the image per CFG branch."""
+        refs = {b.name: b.ref for b in adapter.inputs if b.WhichOneof("source") == "ref"}
+        dist, scaling = refs.get("control_dist"), refs.get("control_scaling")
+        source = self.spec.nodes[self.position[dist.node]] if dist and dist.node in self.position else None
+        if not (
+            source is not None
+            and dist is not None
+            and scaling is not None
+            and (source.op, source.mode, dist.output) == ("vae", "encode_control", "latent_dist")
+            and (scaling.node, scaling.output) == (source.id, "latent_scaling")
+        ):
+            self.errors.append(
+                f"{where}: control_dist and control_scaling must be the latent_dist and latent_scaling "
+                "of one vae.encode_control node"
+            )
 
     def patches(self, node: compiler_pb2.NodeSpec) -> None:
         for patch in node.patches:

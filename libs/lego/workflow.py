@@ -224,7 +224,8 @@ class VAE(_ModelOperator):
         return self._call("encode", pixels=pixels)
 
     def encode_control(self, pixels: Bindable) -> Handle:
-        """A FLUX.1 ControlNet's control image as a latent distribution (`ControlNet.apply_latents`)."""
+        """A FLUX.1 or SD3 ControlNet's control image as a latent distribution
+        (`ControlNet.apply_latents`, `ControlNet.apply_sd3`)."""
         return self._call("encode_control", pixels=pixels)
 
 
@@ -240,13 +241,19 @@ class ControlNet(_ModelOperator):
 
     def apply_latents(self, control_latents: Handle, scale: Bindable = 1.0) -> AdapterUse:
         """FLUX.1: conditioned on the control image's VAE latents (`VAE.encode_control` output)."""
+        return AdapterUse("flux_controlnet", self.model, self._latent_inputs(control_latents, scale))
+
+    def apply_sd3(self, control_latents: Handle, scale: Bindable = 1.0) -> AdapterUse:
+        """SD3 / 3.5: conditioned on the control image's VAE latents (a `VAE.encode_control` output).
+
+        Each request runs that encode with one copy of the image per CFG branch in one call, as
+        StableDiffusion3ControlNetPipeline does; the scheduler init samples it with the request's seed."""
+        return AdapterUse("sd3_controlnet", self.model, self._latent_inputs(control_latents, scale))
+
+    @staticmethod
+    def _latent_inputs(control_latents: Handle, scale: Bindable) -> dict[str, Bindable]:
         scaling = Handle(control_latents.workflow, node=control_latents.node, output="latent_scaling")
-        inputs: dict[str, Bindable] = {
-            "control_dist": control_latents,
-            "control_scaling": scaling,
-            "conditioning_scale": scale,
-        }
-        return AdapterUse("flux_controlnet", self.model, inputs)
+        return {"control_dist": control_latents, "control_scaling": scaling, "conditioning_scale": scale}
 
 
 def load_image(image: Bindable) -> Handle:

@@ -34,6 +34,7 @@ from lego.builtin_workflows import (
     flux_img2img,
     flux_txt2img,
     sd3_img2img,
+    sd3_txt2img,
     sd15_controlnet,
     sd15_img2img,
     sd15_txt2img,
@@ -80,6 +81,7 @@ def seed_specs() -> list[compiler_pb2.WorkflowSpec]:
         sdxl_txt2img("sdxl-canny", "tiny-sdxl", default_size=64, controlnet="controlnet_canny"),
         sdxl_img2img("sdxl-img2img", "tiny-sdxl", default_size=64),
         sd3_img2img("sd3-img2img", "tiny-sd3", default_size=64),
+        sd3_txt2img("sd3-canny", "tiny-sd3", default_size=64, controlnet="controlnet_canny"),
         flux_txt2img("flux-canny", "tiny-flux-dev", default_size=64, controlnet="controlnet_canny"),
         flux_img2img("flux-img2img", "tiny-flux-dev", default_size=64),
     ]

@@ -12,6 +12,7 @@ from diffusers import (
     FluxControlNetPipeline,
     FluxImg2ImgPipeline,
     FluxPipeline,
+    StableDiffusion3ControlNetPipeline,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionXLControlNetPipeline,
@@ -39,7 +40,8 @@ from lego_worker.presets_flux import (
     build_tiny_flux_dev,
     build_tiny_flux_schnell,
 )
-from lego_worker.presets_sd3 import build_tiny_sd3
+from lego_worker.presets_sd3 import build_tiny_sd3, build_tiny_sd3_controlnet
+from lego_worker.sources import SourceLoader
 
 from tests.integration.test_sd15_adapters import pattern
 from tests.pipeline_reference import decode_png
@@ -428,3 +430,61 @@ async def test_flux_img2img_gives_the_pipelines_image_exactly() -> None:
         output_type="np",
     ).images
     assert np.array_equal(image, to_uint8(images))
+
+
+def sd3_controlnet_reference(component: str, guidance_scale: float, control: str, scale: float) -> np.ndarray:
+    parts = build_tiny_sd3(0)
+    names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer")
+    names += ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    pipe = StableDiffusion3ControlNetPipeline(
+        **{name: getattr(parts, name) for name in names},
+        controlnet=build_tiny_sd3_controlnet(component, 0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(
+        str(SETTINGS["prompt"]),
+        negative_prompt=str(SETTINGS["negative_prompt"]),
+        control_image=decode_image(control),
+        controlnet_conditioning_scale=scale,
+        num_inference_steps=int(SETTINGS["steps"]),
+        guidance_scale=guidance_scale,
+        height=SIZE,
+        width=SIZE,
+        max_sequence_length=T5_MAX_LENGTH,
+        # the pipeline samples the control image's latents from torch's global generator (nothing
+        # else draws from it before): seeded and passed as the generator, it draws them first, then
+        # the noise, as our scheduler init does with the request's seed
+        generator=torch.manual_seed(int(SETTINGS["seed"])),
+        output_type="np",
+    ).images
+    return to_uint8(images)
+
+
+@pytest.mark.parametrize(
+    ("component", "guidance"),
+    [("controlnet_canny", 5.0), ("controlnet_pose", 5.0), ("controlnet_canny", 1.0)],
+)
+async def test_sd3_controlnet_gives_the_pipelines_image_exactly(component: str, guidance: float) -> None:
+    control = encode_data_uri(pattern(96, 8))
+    spec = sd3_txt2img("sd3-cn", "tiny-sd3", default_size=SIZE, controlnet=component)
+    inputs = {**SETTINGS, "guidance_scale": guidance, "control_image": control, "controlnet_scale": 0.8}
+    image, nodes = await run(spec, inputs)
+    branches = 2 if guidance > 1 else 1
+    # image, control encode, text encoders, init, (ControlNets + transformers + step) per step, decode
+    assert nodes == 1 + 1 + branches + 1 + (2 * branches + 1) * int(SETTINGS["steps"]) + 1
+    assert np.array_equal(image, sd3_controlnet_reference(component, guidance, control, 0.8))
+    assert not np.array_equal(image, sd3_controlnet_reference(component, guidance, control, 0.0)), (
+        "the ControlNet must change the image for this test to mean much"
+    )
+
+
+def test_an_sd3_controlnet_loads_from_a_diffusers_directory(tmp_path: Path) -> None:
+    preset = build_tiny_sd3_controlnet("controlnet_pose", 0)
+    preset.save_pretrained(tmp_path / "cn")  # a ControlNet repository's layout
+    preset.save_pretrained(tmp_path / "pipeline" / "controlnet_pose")  # a pipeline's subfolder
+    for model_id in (f"{tmp_path / 'cn'}:controlnet", f"{tmp_path / 'pipeline'}:controlnet_pose"):
+        loaded = SourceLoader().load(model_id)
+        assert type(loaded) is type(preset)
+        assert not loaded.config.force_zeros_for_pooled_projection
+        for name, tensor in preset.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name

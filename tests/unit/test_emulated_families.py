@@ -33,6 +33,7 @@ SPECS = {
         {"control_image": "x"},
     ),
     "sd3": (sd3_txt2img("f", "tiny-sd3"), {}),
+    "sd3-controlnet": (sd3_txt2img("m", "tiny-sd3", controlnet="controlnet_canny"), {"control_image": "x"}),
     "flux-dev": (flux_txt2img("g", "tiny-flux-dev"), {}),
     "flux-schnell": (flux_txt2img("h", "tiny-flux-schnell", default_steps=4), {}),
     "flux-controlnet": (

@@ -10,11 +10,11 @@ Semantics kept from diffusers, not ComfyUI: the denoise loop uses the checkpoint
 scheduler (PNDM for SD 1.5) whatever `sampler_name`/`scheduler` say; a ControlNet steers both CFG
 branches (ControlNetApply on the positive conditioning is read as "this KSampler uses it");
 LoraLoader patches the denoiser only (its `strength_clip` is not applied). Families come from the
-checkpoint (model map): SD 1.5 and SDXL (ControlNets too), SD3 (CFG on the transformer), FLUX.1
-(KSampler's cfg must be 1.0; FluxGuidance's value, default 3.5, becomes `guidance_scale`; the
-negative conditioning is not used; a ControlNet is conditioned on the control image's VAE
-latents); img2img (VAEEncode + denoise < 1) encodes the image at its own size, for SD 1.5, SDXL
-and SD3 (not FLUX.1 yet).
+checkpoint (model map): SD 1.5 and SDXL (ControlNets too), SD3 (CFG on the transformer; a
+ControlNet is conditioned on the control image's VAE latents), FLUX.1 (KSampler's cfg must be 1.0;
+FluxGuidance's value, default 3.5, becomes `guidance_scale`; the negative conditioning is not
+used; a ControlNet is conditioned on the control image's VAE latents); img2img (VAEEncode +
+denoise < 1) encodes the image at its own size, for SD 1.5, SDXL and SD3 (not FLUX.1 yet).
 """
 
 from __future__ import annotations
@@ -387,16 +387,14 @@ class _Translator:
                 node_id, "positive and negative use different ControlNets (one per sampler is supported)"
             )
         family = model.checkpoint.family
-        if controls and family == "sd3":
-            raise self.fail(node_id, "ControlNets are supported for sd15, sdxl and flux, not sd3")
-        if family == "flux":  # conditioned on the control image's VAE latents
+        if family in ("flux", "sd3"):  # conditioned on the control image's VAE latents
             vae = VAE(f"{model.checkpoint.source}:vae")
-            adapters = [
-                ControlNet(c[0]).apply_latents(
-                    vae.encode_control(load_resized_image(c[1], latent.height, latent.width)), c[2]
-                )
-                for c in controls
-            ]
+            adapters = []
+            for model_id, image, strength in controls:
+                control = ControlNet(model_id)
+                apply = control.apply_latents if family == "flux" else control.apply_sd3
+                pixels = load_resized_image(image, latent.height, latent.width)
+                adapters.append(apply(vae.encode_control(pixels), strength))
         else:
             adapters = [
                 ControlNet(c[0]).apply(load_control_image(c[1], latent.height, latent.width), c[2])

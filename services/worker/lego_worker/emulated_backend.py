@@ -38,6 +38,8 @@ def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
         return {"embeddings": np.zeros((1, TEXT_TOKENS, TEXT_HIDDEN), dtype=np.float16)}
     if op in ("unet", "transformer"):
         return {"noise_pred": np.zeros_like(item["sample"])}
+    if op == "controlnet" and mode == "residuals_sd3":
+        return {"block_samples": np.zeros((1, 1, 1, 1), dtype=np.float16)}
     if op == "controlnet" and mode == "residuals_flux":
         zeros = np.zeros((1, 1, 1, 1), dtype=np.float16)
         return {"block_samples": zeros, "single_block_samples": zeros}
@@ -50,9 +52,10 @@ def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
         size = (int(item.get("height", 512)), int(item.get("width", 512)))
         name = "control_image" if mode == "load_control" else "pixels"
         return {name: np.zeros((1, 3, *size), dtype=np.float16)}
-    if op == "vae" and mode in ("encode", "encode_control"):
+    if op == "vae" and mode in ("encode", "encode_control", "encode_copies"):
         _, _, height, width = np.shape(item["pixels"])
-        shape = (1, 8, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
+        copies = int(item.get("copies", 1))  # encode_copies: one row per CFG branch
+        shape = (copies, 8, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
         scaling = np.array([[0.18215, 0.0, 0.0]], dtype=np.float64)
         return {"latent_dist": np.zeros(shape, dtype=np.float16), "latent_scaling": scaling}
     if op == "vae" and mode == "decode_packed":
@@ -69,7 +72,7 @@ def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
             latents = np.zeros((1, patches, 4 * int(item["latent_channels"])), dtype=np.float32)
         elif mode == "init_from_image":
             latents = np.zeros_like(np.asarray(item["init_latents"])[:, : int(item["latent_channels"])])
-        elif mode == "init":
+        elif mode in ("init", "init_control"):
             factor = int(item["vae_scale_factor"])
             shape = (
                 1,
@@ -87,6 +90,9 @@ def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
         }
         if mode == "init_flow_control":
             outputs["control_latents"] = latents
+        if mode == "init_control":  # the control image's latents, sampled: one row per CFG branch
+            control = np.asarray(item["control_dist"])
+            outputs["control_samples"] = np.zeros_like(control[:, : int(item["latent_channels"])])
         return outputs
     raise ValueError(f"the emulated backend cannot run {op}.{mode}")
 

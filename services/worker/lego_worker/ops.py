@@ -34,7 +34,14 @@ from lego_worker.images import (
     vae_encode,
     vae_encode_control,
 )
-from lego_worker.sd3 import SD3TextEncoders, text_encode_sd3, transformer_denoise_sd3
+from lego_worker.sd3 import (
+    SD3TextEncoders,
+    control_samples,
+    controlnet_residuals_sd3,
+    text_encode_sd3,
+    transformer_denoise_sd3,
+    vae_encode_copies,
+)
 from lego_worker.sdxl import text_encode_pooled, unet_denoise_pooled
 from lego_worker.sources import TextEncoderBundle
 
@@ -156,11 +163,15 @@ def _latent_shape(item: Item) -> tuple[int, int, int, int]:
 def scheduler_init(template: Any, item: Item, states: SchedulerStates) -> Outputs:
     scheduler = _set_timesteps(template, item, states, 0)
     generator = torch.Generator("cpu").manual_seed(item["seed"])
+    control = control_samples(item, generator) if "control_dist" in item else None  # SD3 ControlNet
     latents = torch.randn(_latent_shape(item), generator=generator)
     sigma = getattr(scheduler, "init_noise_sigma", None)  # flow matching (SD3) starts from plain noise
     if sigma is not None:
         latents = latents * sigma
-    return _next_inputs(scheduler, latents, 0)
+    outputs = _next_inputs(scheduler, latents, 0)
+    if control is not None:
+        outputs["control_samples"] = control.numpy()
+    return outputs
 
 
 def scheduler_init_flow(template: Any, item: Item, states: SchedulerStates) -> Outputs:
@@ -245,6 +256,9 @@ BATCHED_OPS: dict[tuple[str, str], BatchedOp] = {
     ("controlnet", "residuals_flux"): controlnet_residuals_flux,
     ("vae", "encode_control"): vae_encode_control,
     ("transformer", "denoise_sd3"): transformer_denoise_sd3,
+    ("transformer", "denoise_sd3_controlled"): transformer_denoise_sd3,
+    ("controlnet", "residuals_sd3"): controlnet_residuals_sd3,
+    ("vae", "encode_copies"): vae_encode_copies,
     ("vae", "decode_packed"): vae_decode_packed,
     ("unet", "denoise_controlled"): unet_denoise_controlled,
     ("unet", "denoise_pooled"): unet_denoise_pooled,
@@ -260,6 +274,7 @@ BATCHED_OPS: dict[tuple[str, str], BatchedOp] = {
 StatefulOp = Callable[[Any, Item, SchedulerStates], Outputs]
 STATEFUL_OPS: dict[tuple[str, str], StatefulOp] = {
     ("noise_scheduler", "init"): scheduler_init,
+    ("noise_scheduler", "init_control"): scheduler_init,
     ("noise_scheduler", "init_from_image"): scheduler_init_from_image,
     ("noise_scheduler", "init_flow"): scheduler_init_flow,
     ("noise_scheduler", "init_flow_control"): scheduler_init_flow,

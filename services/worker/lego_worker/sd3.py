@@ -1,5 +1,8 @@
 """Stable Diffusion 3's operators, called as diffusers' StableDiffusion3Pipeline calls them: the
-CLIP-L + CLIP-G + T5 stack (one call: joint sequence and pooled embedding) and the transformer."""
+CLIP-L + CLIP-G + T5 stack (one call: joint sequence and pooled embedding) and the transformer;
+and as StableDiffusion3ControlNetPipeline calls them: the control image encoded with one copy per
+CFG branch in one call, its latents sampled, the SD3ControlNetModel and the transformer with its block
+samples."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 
 from lego_worker.backend import Item, Outputs
 from lego_worker.batch_io import concat, split, to_tensor, uniform
+from lego_worker.images import vae_encode
 
 
 class SD3TextEncoders(torch.nn.Module):
@@ -56,24 +60,89 @@ def text_encode_sd3(model: SD3TextEncoders, items: list[Item], device: torch.dev
     return [_encode_one(model, item["text"], device) for item in items]
 
 
-def transformer_denoise_sd3(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
-    if not uniform(items, "sample"):
-        return [transformer_denoise_sd3(model, [item], device)[0] for item in items]
-    latents = concat(items, "sample", device)
-    sizes = [int(np.shape(item["sample"])[0]) for item in items]
-    timestep = torch.cat(
+def _timestep(items: list[Item], sizes: list[int], device: torch.device) -> torch.Tensor:
+    return torch.cat(
         [
             to_tensor(item["timestep"], device).reshape(1).expand(n)
             for item, n in zip(items, sizes, strict=True)
         ]
     )
+
+
+def transformer_denoise_sd3(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+    """`denoise_sd3`, and `denoise_sd3_controlled` with a ControlNet's block samples."""
+    if not uniform(items, "sample"):
+        return [transformer_denoise_sd3(model, [item], device)[0] for item in items]
+    latents = concat(items, "sample", device)
+    sizes = [int(np.shape(item["sample"])[0]) for item in items]
+    blocks = list(concat(items, "block_samples", device).unbind(1)) if "block_samples" in items[0] else None
     with torch.no_grad():
         noise = model(
             hidden_states=latents,
-            timestep=timestep,
+            timestep=_timestep(items, sizes, device),
             encoder_hidden_states=concat(items, "encoder_hidden_states", device),
             pooled_projections=concat(items, "pooled_embeds", device),
+            block_controlnet_hidden_states=blocks,
             joint_attention_kwargs=None,
             return_dict=False,
         )[0]
     return [{"noise_pred": n} for n in split(noise, sizes)]
+
+
+def vae_encode_copies(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+    """Each item's image repeated `copies` times in the batch (contiguous, as the pipeline's
+    `prepare_image` leaves it): the latent distribution of every copy."""
+    if any(int(item["copies"]) not in (1, 2) for item in items):
+        raise ValueError("encode_copies: copies must be 1 or 2 (one per CFG branch)")
+    repeated = [
+        {"pixels": np.concatenate([np.asarray(item["pixels"])] * int(item["copies"]))} for item in items
+    ]
+    return vae_encode(model, repeated, device, channels_last=False)
+
+
+def control_samples(item: Item, generator: torch.Generator) -> torch.Tensor:
+    """The control image's latents, one row per encoded copy, drawn in one call (`latent_dist.sample()`)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(torch.from_numpy(np.array(item["control_dist"]))).sample(generator)
+
+
+def _control_latents(config: Any, item: Item, device: torch.device) -> torch.Tensor:
+    """The item's row of the sampled control latents, shifted and scaled as the pipeline does for
+    this ControlNet: InstantX's (zero pooled projections) take no VAE shift."""
+    row = int(item["control_row"])
+    sample = to_tensor(item["control_samples"], device)[row : row + 1]
+    scaling, shift, _ = (float(v) for v in np.asarray(item["control_scaling"]).reshape(-1))
+    return (sample - (0.0 if config.force_zeros_for_pooled_projection else shift)) * scaling
+
+
+def controlnet_residuals_sd3(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+    scales = {float(item["conditioning_scale"]) for item in items}
+    if len(scales) > 1 or not uniform(items, "sample"):
+        return [controlnet_residuals_sd3(model, [item], device)[0] for item in items]
+    if model.pos_embed is None:
+        raise ValueError(
+            "this SD3 ControlNet has no position embedding of its own (SD3.5 Large's use the "
+            "transformer's): loading it apart from its transformer is not supported"
+        )
+    config = model.config
+    sizes = [int(np.shape(item["sample"])[0]) for item in items]
+    pooled = concat(items, "pooled_embeds", device)
+    if config.force_zeros_for_pooled_projection:  # InstantX's ControlNets
+        pooled = torch.zeros_like(pooled)
+    hidden = None  # SD3.5's ControlNets without a context embedder take no text
+    if config.joint_attention_dim is not None:
+        hidden = concat(items, "encoder_hidden_states", device)
+    with torch.no_grad():
+        blocks = model(
+            hidden_states=concat(items, "sample", device),
+            timestep=_timestep(items, sizes, device),
+            encoder_hidden_states=hidden,
+            pooled_projections=pooled,
+            joint_attention_kwargs=None,
+            controlnet_cond=torch.cat([_control_latents(config, item, device) for item in items]),
+            conditioning_scale=scales.pop(),
+            return_dict=False,
+        )[0]
+    stacked = torch.stack(list(blocks), dim=1)
+    return [{"block_samples": b} for b in split(stacked, sizes)]

@@ -4,7 +4,8 @@ A model id is `<source>:<component>`: `tiny-sd15:unet` (a built-in preset, no do
 `/models/sd15:unet` / `<hub id>:unet` (diffusers `from_pretrained` with that subfolder).
 A `#tag` after the source (`tiny-sd15#b:unet`) names a private copy of the same weights: a distinct
 model to the cache and the scheduler (how a monolithic deployment would hold it).
-ControlNets: `tiny-sd15:controlnet_canny` / `:controlnet_depth` (preset components), and
+ControlNets: `tiny-sd15:controlnet_canny` / `:controlnet_depth` (preset components; `tiny-sd3`:
+`controlnet_canny` / `controlnet_pose`), and
 `<hub id or directory>:controlnet` (a ControlNet repository: `from_pretrained` without a subfolder).
 `builtin:image` is the image preprocessor (no weights).
 """
@@ -146,7 +147,9 @@ def _load_pretrained(source: str, component: str) -> Any:
         config = diffusers.ControlNetModel.load_config(source)
         return getattr(diffusers, str(config["_class_name"])).from_pretrained(source).eval()
     if component.startswith("controlnet"):  # e.g. a pipeline directory with a controlnet/ subfolder
-        return diffusers.ControlNetModel.from_pretrained(source, subfolder=component).eval()
+        config = diffusers.ControlNetModel.load_config(source, subfolder=component)
+        model_class = getattr(diffusers, str(config["_class_name"]))
+        return model_class.from_pretrained(source, subfolder=component).eval()
     if component == "scheduler":
         config = diffusers.PNDMScheduler.load_config(source, subfolder="scheduler")
         return getattr(diffusers, str(config["_class_name"])).from_config(config)
@@ -176,6 +179,8 @@ class SourceLoader:
             return presets_flux.build_tiny_flux_controlnet(
                 component, dev=source == presets_flux.TINY_FLUX_DEV
             )
+        if source == presets_sd3.TINY_SD3 and component in presets_sd3.SD3_CONTROLNETS:
+            return presets_sd3.build_tiny_sd3_controlnet(component)
         if source in PRESET_BUILDERS:
             if tagged_source not in self._presets:
                 self._presets[tagged_source] = PRESET_BUILDERS[source]()
