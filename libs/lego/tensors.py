@@ -24,6 +24,14 @@ def make_handle(tensor_id: str, array: np.ndarray, location: str = "") -> common
     )
 
 
+def inline_handle(tensor_id: str, array: np.ndarray) -> common_pb2.TensorHandle:
+    """A scalar (0-d) tensor's handle with its bytes: it travels inside the messages that name it
+    (DESIGN §1.4), so no data engine stores it and no round trip publishes or reads it."""
+    handle = make_handle(tensor_id, array)
+    handle.data = to_bytes(array)
+    return handle
+
+
 def to_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).tobytes()
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lego/v1/common.proto\x12\x07lego.v1\"b\n\x0cTensorHandle\x12\x11\n\ttensor_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x11\n\tlocations\x18\x05 \x03(\t\"\x92\x01\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\'\n\x06tensor\x18\x05 \x01(\x0b\x32\x15.lego.v1.TensorHandleH\x00\x42\x06\n\x04kind\"6\n\x05Patch\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0e\n\x06target\x18\x03 \x01(\t\"\x07\n\x05\x45mptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14lego/v1/common.proto\x12\x07lego.v1\"p\n\x0cTensorHandle\x12\x11\n\ttensor_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x11\n\tlocations\x18\x05 \x03(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\x92\x01\n\x05Value\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\'\n\x06tensor\x18\x05 \x01(\x0b\x32\x15.lego.v1.TensorHandleH\x00\x42\x06\n\x04kind\"6\n\x05Patch\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x01\x12\x0e\n\x06target\x18\x03 \x01(\t\"\x07\n\x05\x45mptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lego.v1.common_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSORHANDLE']._serialized_start=33
-  _globals['_TENSORHANDLE']._serialized_end=131
-  _globals['_VALUE']._serialized_start=134
-  _globals['_VALUE']._serialized_end=280
-  _globals['_PATCH']._serialized_start=282
-  _globals['_PATCH']._serialized_end=336
-  _globals['_EMPTY']._serialized_start=338
-  _globals['_EMPTY']._serialized_end=345
+  _globals['_TENSORHANDLE']._serialized_end=145
+  _globals['_VALUE']._serialized_start=148
+  _globals['_VALUE']._serialized_end=294
+  _globals['_PATCH']._serialized_start=296
+  _globals['_PATCH']._serialized_end=350
+  _globals['_EMPTY']._serialized_start=352
+  _globals['_EMPTY']._serialized_end=359
 # @@protoc_insertion_point(module_scope)

@@ -29,11 +29,14 @@ class TensorHandle(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
     LOCATIONS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
     tensor_id: _builtins.str
     """"<request>/<node>/<output>" """
     dtype: _builtins.str
     """numpy dtype name: float32, int64, uint8, ..."""
     nbytes: _builtins.int
+    data: _builtins.bytes
+    """a scalar (0-d) tensor travels inline: its bytes, and no locations"""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -48,10 +51,11 @@ class TensorHandle(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         nbytes: _builtins.int = ...,
         locations: _abc.Iterable[_builtins.str] | None = ...,
+        data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "locations", b"locations", "nbytes", b"nbytes", "shape", b"shape", "tensor_id", b"tensor_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "locations", b"locations", "nbytes", b"nbytes", "shape", b"shape", "tensor_id", b"tensor_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

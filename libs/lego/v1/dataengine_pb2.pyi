@@ -269,46 +269,70 @@ class Placement(_message.Message):
 Global___Placement: _TypeAlias = Placement  # noqa: Y015
 
 @_typing.final
-class AllocateManyRequest(_message.Message):
-    """Several small tensors (each with its data) published in one call: a batch's outputs."""
+class PublishRequest(_message.Message):
+    """One step of a local client's `Publish` stream: a batch's outputs (or a tensor's commit)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TENSORS_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocateRequest]: ...
+    def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocateRequest]:
+        """with data: written and committed; without: a block reserved"""
+
+    @_builtins.property
+    def commit(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """tensors reserved on this stream whose bytes are written now"""
+
     def __init__(
         self,
         *,
         tensors: _abc.Iterable[Global___AllocateRequest] | None = ...,
+        commit: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit", b"commit", "tensors", b"tensors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___AllocateManyRequest: _TypeAlias = AllocateManyRequest  # noqa: Y015
+Global___PublishRequest: _TypeAlias = PublishRequest  # noqa: Y015
 
 @_typing.final
-class Placements(_message.Message):
+class PublishReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PLACEMENTS_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """a gRPC status code, non-zero when the step was refused ..."""
+    error: _builtins.str
+    """... and why; the stream stays open"""
     @_builtins.property
-    def placements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]: ...
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]:
+        """one per tensor asked for, in order"""
+
+    @_builtins.property
+    def committed(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorHandle]:
+        """one per commit, in order"""
+
     def __init__(
         self,
         *,
         placements: _abc.Iterable[Global___Placement] | None = ...,
+        committed: _abc.Iterable[_common_pb2.TensorHandle] | None = ...,
+        code: _builtins.int = ...,
+        error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["placements", b"placements"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "committed", b"committed", "error", b"error", "placements", b"placements"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Placements: _TypeAlias = Placements  # noqa: Y015
+Global___PublishReply: _TypeAlias = PublishReply  # noqa: Y015
 
 @_typing.final
 class CommitRequest(_message.Message):

@@ -55,15 +55,15 @@ class DataEngineStub:
                 request_serializer=lego_dot_v1_dot_dataengine__pb2.AllocateRequest.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_dataengine__pb2.Placement.FromString,
                 _registered_method=True)
-        self.AllocateMany = channel.unary_unary(
-                '/lego.v1.DataEngine/AllocateMany',
-                request_serializer=lego_dot_v1_dot_dataengine__pb2.AllocateManyRequest.SerializeToString,
-                response_deserializer=lego_dot_v1_dot_dataengine__pb2.Placements.FromString,
-                _registered_method=True)
         self.Commit = channel.unary_unary(
                 '/lego.v1.DataEngine/Commit',
                 request_serializer=lego_dot_v1_dot_dataengine__pb2.CommitRequest.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_common__pb2.TensorHandle.FromString,
+                _registered_method=True)
+        self.Publish = channel.stream_stream(
+                '/lego.v1.DataEngine/Publish',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.PublishRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_dataengine__pb2.PublishReply.FromString,
                 _registered_method=True)
         self.Locate = channel.unary_unary(
                 '/lego.v1.DataEngine/Locate',
@@ -92,6 +92,11 @@ class DataEngineStub:
                 _registered_method=True)
         self.Free = channel.unary_unary(
                 '/lego.v1.DataEngine/Free',
+                request_serializer=lego_dot_v1_dot_dataengine__pb2.FreeRequest.SerializeToString,
+                response_deserializer=lego_dot_v1_dot_dataengine__pb2.FreeReply.FromString,
+                _registered_method=True)
+        self.FreeStream = channel.stream_unary(
+                '/lego.v1.DataEngine/FreeStream',
                 request_serializer=lego_dot_v1_dot_dataengine__pb2.FreeRequest.SerializeToString,
                 response_deserializer=lego_dot_v1_dot_dataengine__pb2.FreeReply.FromString,
                 _registered_method=True)
@@ -131,14 +136,16 @@ class DataEngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def AllocateMany(self, request, context):
+    def Commit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Commit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Publish(self, request_iterator, context):
+        """The same on one long-lived stream: a step costs a message round trip, a fraction of a call.
+        Blocks reserved on a stream and not committed when it ends are given back.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -183,6 +190,14 @@ class DataEngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FreeStream(self, request_iterator, context):
+        """The same as one-way messages on one long-lived stream (the coordinator's frees of dead tensors,
+        batch after batch); answered with the total once the stream ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -212,15 +227,15 @@ def add_DataEngineServicer_to_server(servicer, server):
                     request_deserializer=lego_dot_v1_dot_dataengine__pb2.AllocateRequest.FromString,
                     response_serializer=lego_dot_v1_dot_dataengine__pb2.Placement.SerializeToString,
             ),
-            'AllocateMany': grpc.unary_unary_rpc_method_handler(
-                    servicer.AllocateMany,
-                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.AllocateManyRequest.FromString,
-                    response_serializer=lego_dot_v1_dot_dataengine__pb2.Placements.SerializeToString,
-            ),
             'Commit': grpc.unary_unary_rpc_method_handler(
                     servicer.Commit,
                     request_deserializer=lego_dot_v1_dot_dataengine__pb2.CommitRequest.FromString,
                     response_serializer=lego_dot_v1_dot_common__pb2.TensorHandle.SerializeToString,
+            ),
+            'Publish': grpc.stream_stream_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.PublishRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_dataengine__pb2.PublishReply.SerializeToString,
             ),
             'Locate': grpc.unary_unary_rpc_method_handler(
                     servicer.Locate,
@@ -249,6 +264,11 @@ def add_DataEngineServicer_to_server(servicer, server):
             ),
             'Free': grpc.unary_unary_rpc_method_handler(
                     servicer.Free,
+                    request_deserializer=lego_dot_v1_dot_dataengine__pb2.FreeRequest.FromString,
+                    response_serializer=lego_dot_v1_dot_dataengine__pb2.FreeReply.SerializeToString,
+            ),
+            'FreeStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.FreeStream,
                     request_deserializer=lego_dot_v1_dot_dataengine__pb2.FreeRequest.FromString,
                     response_serializer=lego_dot_v1_dot_dataengine__pb2.FreeReply.SerializeToString,
             ),
@@ -377,33 +397,6 @@ class DataEngine:
             _registered_method=True)
 
     @staticmethod
-    def AllocateMany(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/lego.v1.DataEngine/AllocateMany',
-            lego_dot_v1_dot_dataengine__pb2.AllocateManyRequest.SerializeToString,
-            lego_dot_v1_dot_dataengine__pb2.Placements.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def Commit(request,
             target,
             options=(),
@@ -420,6 +413,33 @@ class DataEngine:
             '/lego.v1.DataEngine/Commit',
             lego_dot_v1_dot_dataengine__pb2.CommitRequest.SerializeToString,
             lego_dot_v1_dot_common__pb2.TensorHandle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lego.v1.DataEngine/Publish',
+            lego_dot_v1_dot_dataengine__pb2.PublishRequest.SerializeToString,
+            lego_dot_v1_dot_dataengine__pb2.PublishReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -580,6 +600,33 @@ class DataEngine:
             request,
             target,
             '/lego.v1.DataEngine/Free',
+            lego_dot_v1_dot_dataengine__pb2.FreeRequest.SerializeToString,
+            lego_dot_v1_dot_dataengine__pb2.FreeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/lego.v1.DataEngine/FreeStream',
             lego_dot_v1_dot_dataengine__pb2.FreeRequest.SerializeToString,
             lego_dot_v1_dot_dataengine__pb2.FreeReply.FromString,
             options,

@@ -38,8 +38,11 @@ class DataEngineStub:
     Arena: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.ArenaInfo]
     """Shared-memory path (clients on this host): reserve a block, write it, commit; locate to read."""
     Allocate: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateRequest, _dataengine_pb2.Placement]
-    AllocateMany: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateManyRequest, _dataengine_pb2.Placements]
     Commit: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.CommitRequest, _common_pb2.TensorHandle]
+    Publish: _grpc.StreamStreamMultiCallable[_dataengine_pb2.PublishRequest, _dataengine_pb2.PublishReply]
+    """The same on one long-lived stream: a step costs a message round trip, a fraction of a call.
+    Blocks reserved on a stream and not committed when it ends are given back.
+    """
     Locate: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _dataengine_pb2.Placement]
     """waits for lazy arrival, pulls if remote"""
     Prefetch: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _common_pb2.Empty]
@@ -50,6 +53,10 @@ class DataEngineStub:
     Release: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.ReleaseTensorsRequest, _dataengine_pb2.FreeReply]
     """GC."""
     Free: _grpc.UnaryUnaryMultiCallable[_dataengine_pb2.FreeRequest, _dataengine_pb2.FreeReply]
+    FreeStream: _grpc.StreamUnaryMultiCallable[_dataengine_pb2.FreeRequest, _dataengine_pb2.FreeReply]
+    """The same as one-way messages on one long-lived stream (the coordinator's frees of dead tensors,
+    batch after batch); answered with the total once the stream ends.
+    """
     Stats: _grpc.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.DataEngineStats]
 
 @_typing.type_check_only
@@ -61,8 +68,11 @@ class DataEngineAsyncStub(DataEngineStub):
     Arena: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.ArenaInfo]  # type: ignore[assignment]
     """Shared-memory path (clients on this host): reserve a block, write it, commit; locate to read."""
     Allocate: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateRequest, _dataengine_pb2.Placement]  # type: ignore[assignment]
-    AllocateMany: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.AllocateManyRequest, _dataengine_pb2.Placements]  # type: ignore[assignment]
     Commit: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.CommitRequest, _common_pb2.TensorHandle]  # type: ignore[assignment]
+    Publish: _aio.StreamStreamMultiCallable[_dataengine_pb2.PublishRequest, _dataengine_pb2.PublishReply]  # type: ignore[assignment]
+    """The same on one long-lived stream: a step costs a message round trip, a fraction of a call.
+    Blocks reserved on a stream and not committed when it ends are given back.
+    """
     Locate: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _dataengine_pb2.Placement]  # type: ignore[assignment]
     """waits for lazy arrival, pulls if remote"""
     Prefetch: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.GetTensorRequest, _common_pb2.Empty]  # type: ignore[assignment]
@@ -73,6 +83,10 @@ class DataEngineAsyncStub(DataEngineStub):
     Release: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.ReleaseTensorsRequest, _dataengine_pb2.FreeReply]  # type: ignore[assignment]
     """GC."""
     Free: _aio.UnaryUnaryMultiCallable[_dataengine_pb2.FreeRequest, _dataengine_pb2.FreeReply]  # type: ignore[assignment]
+    FreeStream: _aio.StreamUnaryMultiCallable[_dataengine_pb2.FreeRequest, _dataengine_pb2.FreeReply]  # type: ignore[assignment]
+    """The same as one-way messages on one long-lived stream (the coordinator's frees of dead tensors,
+    batch after batch); answered with the total once the stream ends.
+    """
     Stats: _aio.UnaryUnaryMultiCallable[_common_pb2.Empty, _dataengine_pb2.DataEngineStats]  # type: ignore[assignment]
 
 class DataEngineServicer(metaclass=_abc_1.ABCMeta):
@@ -107,18 +121,21 @@ class DataEngineServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dataengine_pb2.Placement, _abc.Awaitable[_dataengine_pb2.Placement]]: ...
 
     @_abc_1.abstractmethod
-    def AllocateMany(
-        self,
-        request: _dataengine_pb2.AllocateManyRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_dataengine_pb2.Placements, _abc.Awaitable[_dataengine_pb2.Placements]]: ...
-
-    @_abc_1.abstractmethod
     def Commit(
         self,
         request: _dataengine_pb2.CommitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_common_pb2.TensorHandle, _abc.Awaitable[_common_pb2.TensorHandle]]: ...
+
+    @_abc_1.abstractmethod
+    def Publish(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dataengine_pb2.PublishRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dataengine_pb2.PublishReply], _abc.AsyncIterator[_dataengine_pb2.PublishReply]]:
+        """The same on one long-lived stream: a step costs a message round trip, a fraction of a call.
+        Blocks reserved on a stream and not committed when it ends are given back.
+        """
 
     @_abc_1.abstractmethod
     def Locate(
@@ -165,6 +182,16 @@ class DataEngineServicer(metaclass=_abc_1.ABCMeta):
         request: _dataengine_pb2.FreeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dataengine_pb2.FreeReply, _abc.Awaitable[_dataengine_pb2.FreeReply]]: ...
+
+    @_abc_1.abstractmethod
+    def FreeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dataengine_pb2.FreeRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_dataengine_pb2.FreeReply, _abc.Awaitable[_dataengine_pb2.FreeReply]]:
+        """The same as one-way messages on one long-lived stream (the coordinator's frees of dead tensors,
+        batch after batch); answered with the total once the stream ends.
+        """
 
     @_abc_1.abstractmethod
     def Stats(

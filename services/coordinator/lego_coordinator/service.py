@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import structlog
@@ -120,6 +119,43 @@ def _tensor(handle: common_pb2.TensorHandle) -> core.Tensor:
     return core.Tensor(handle, handle.nbytes, handle.locations[0] if handle.locations else "")
 
 
+class _FreeStream:
+    """Dead tensors to free on one data engine, one message per batch on a long-lived FreeStream (a
+    one-way message costs a fraction of a `Free` call). Frees written into a stream that broke are
+    lost, which leaks nothing: the engine went away with its tensors, and whatever a request still
+    holds is freed when it is released (`Free`, waiting for the engine to come back)."""
+
+    def __init__(self, stub: dataengine_pb2_grpc.DataEngineStub) -> None:
+        self._stub = stub
+        self._queue: asyncio.Queue[list[str]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._call: grpc.aio.StreamUnaryCall[dataengine_pb2.FreeRequest, dataengine_pb2.FreeReply] | None
+        self._call = None
+
+    def send(self, tensor_ids: list[str]) -> None:
+        self._queue.put_nowait(tensor_ids)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            request = dataengine_pb2.FreeRequest(tensor_ids=await self._queue.get())
+            for _ in range(2):  # a broken stream is replaced once
+                if self._call is None:
+                    self._call = self._stub.FreeStream()
+                try:
+                    await self._call.write(request)
+                    break
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    self._call = None
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await cancel_task(self._task)
+        if self._call is not None:
+            self._call.cancel()
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, store: ClusterStore, config: CoordinatorConfig) -> None:
         self.store = store
@@ -130,8 +166,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._outboxes: dict[str, asyncio.Queue[coordinator_pb2.CoordinatorMessage]] = {}
         self._worker_addresses: dict[str, str] = {}
         self._dataengines: dict[str, dataengine_pb2_grpc.DataEngineStub] = {}
+        self._free_streams: dict[str, _FreeStream] = {}
         self._streams: dict[str, asyncio.Task[object]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self.telemetry = Telemetry()
         self._leaving: set[str] = set()  # drained workers told to leave
 
@@ -317,9 +353,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self._streams[worker_id] = current
         self._worker_addresses[worker_id] = hello.address
         if hello.dataengine_address not in self._dataengines:
-            self._dataengines[hello.dataengine_address] = dataengine_pb2_grpc.DataEngineStub(
-                channel(hello.dataengine_address)
-            )
+            stub = dataengine_pb2_grpc.DataEngineStub(channel(hello.dataengine_address))
+            self._dataengines[hello.dataengine_address] = stub
+            self._free_streams[hello.dataengine_address] = _FreeStream(stub)
         self.scheduler.add_worker(worker_id, hello.dataengine_address, list(hello.loaded_models))
         log.info("worker_joined", worker_id=worker_id, address=hello.address, backend=hello.backend)
         self.pump()
@@ -374,11 +410,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             events = self.scheduler.complete(result.batch_id, outputs, now, result.execution_s)
         self._publish(events)
         self.pump()
-        dead = [
-            h.tensor_id for h in self.scheduler.take_dead_tensors() if isinstance(h, common_pb2.TensorHandle)
+        dead = [  # inline scalars (with their data) are held by no data engine
+            h.tensor_id
+            for h in self.scheduler.take_dead_tensors()
+            if isinstance(h, common_pb2.TensorHandle) and not h.data
         ]
-        if dead:
-            self._background(self._free_tensors(dead))
+        if dead:  # with every replica: each engine drops its own
+            for stream in self._free_streams.values():
+                stream.send(dead)
 
     # ---- draining (scale-down) ----
 
@@ -396,18 +435,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 log.info("worker_drained", worker_id=worker_id)
                 outbox.put_nowait(coordinator_pb2.CoordinatorMessage(leave=coordinator_pb2.LeaveCluster()))
 
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _free_tensors(self, tensor_ids: list[str]) -> None:
-        """Free tensors no node will read again, with every replica (each engine drops its own)."""
-        for stub in list(self._dataengines.values()):
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.Free(
-                    dataengine_pb2.FreeRequest(tensor_ids=tensor_ids), timeout=5, wait_for_ready=True
-                )
+    async def close(self) -> None:
+        for stream in self._free_streams.values():
+            await stream.close()
 
     # ---- leadership ----
 
@@ -461,6 +491,7 @@ class CoordinatorService:
 
     async def stop(self) -> None:
         await cancel_task(self._leading)  # resigns: a standby can take over at once
+        await self.servicer.close()
         await self.server.stop()
 
 

@@ -32,6 +32,15 @@ Peer = tuple[dataengine_pb2_grpc.DataEngineStub, grpc.aio.UnaryStreamMultiCallab
 SERVICE = dataengine_pb2.DESCRIPTOR.services_by_name["DataEngine"].full_name
 
 
+class Refused(Exception):
+    """A request the engine turns down: the gRPC status it answers with, and why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
     def __init__(self, arena: Arena, chunk_bytes: int = dataplane.CHUNK_BYTES) -> None:
         self.arena = arena
@@ -172,16 +181,32 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"tensor {handle.tensor_id} did not arrive")
         raise AssertionError("unreachable: abort raises")
 
-    async def _reserve(
-        self, header: common_pb2.TensorHandle, consumers: int, context: grpc.aio.ServicerContext
-    ) -> Entry:
+    def _allocate(self, request: dataengine_pb2.AllocateRequest) -> dataengine_pb2.Placement:
+        """Reserve a block; with data, also write and commit it. Refused: nothing is kept."""
+        header = request.header
         try:
-            return self.store.reserve(self._here(header), consumers)
+            entry = self.store.reserve(self._here(header), request.consumers)
         except ArenaFull as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"tensor {header.tensor_id}: {error}")
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"tensor {header.tensor_id}: {error}") from None
         except ValueError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        raise AssertionError("unreachable: abort raises")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        if request.data:
+            if len(request.data) != entry.handle.nbytes:
+                self.store.abort(entry.handle.tensor_id)
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"tensor {entry.handle.tensor_id}: header says {entry.handle.nbytes} bytes, "
+                    f"got {len(request.data)}",
+                )
+            self.arena.view(entry.offset, entry.handle.nbytes)[:] = request.data
+            self._commit_written(entry.handle.tensor_id)
+        return dataengine_pb2.Placement(handle=entry.handle, offset=arena_layout.DATA_START + entry.offset)
+
+    def _commit_written(self, tensor_id: str) -> common_pb2.TensorHandle:
+        try:
+            return self._commit(tensor_id).handle
+        except KeyError as error:
+            raise Refused(grpc.StatusCode.ABORTED, str(error.args[0])) from None
 
     async def Put(
         self, request_iterator: AsyncIterator[dataengine_pb2.TensorChunk], context: grpc.aio.ServicerContext
@@ -215,15 +240,10 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"tensor {tensor_id}: header says {entry.handle.nbytes} bytes, got {written}",
             )
-        return await self._commit_or_abort(tensor_id, context)
-
-    async def _commit_or_abort(
-        self, tensor_id: str, context: grpc.aio.ServicerContext
-    ) -> common_pb2.TensorHandle:
         try:
-            return self._commit(tensor_id).handle
-        except KeyError as error:
-            await context.abort(grpc.StatusCode.ABORTED, str(error.args[0]))
+            return self._commit_written(tensor_id)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
         raise AssertionError("unreachable: abort raises")
 
     async def Get(  # type: ignore[override]  # yields pre-serialised chunks too (see add_servicer)
@@ -261,29 +281,57 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
     async def Allocate(
         self, request: dataengine_pb2.AllocateRequest, context: grpc.aio.ServicerContext
     ) -> dataengine_pb2.Placement:
-        entry = await self._reserve(request.header, request.consumers, context)
-        if request.data:
-            if len(request.data) != entry.handle.nbytes:
-                self.store.abort(entry.handle.tensor_id)
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"tensor {entry.handle.tensor_id}: header says {entry.handle.nbytes} bytes, "
-                    f"got {len(request.data)}",
-                )
-            self.arena.view(entry.offset, entry.handle.nbytes)[:] = request.data
-            await self._commit_or_abort(entry.handle.tensor_id, context)
-        return dataengine_pb2.Placement(handle=entry.handle, offset=arena_layout.DATA_START + entry.offset)
-
-    async def AllocateMany(
-        self, request: dataengine_pb2.AllocateManyRequest, context: grpc.aio.ServicerContext
-    ) -> dataengine_pb2.Placements:
-        placements = [await self.Allocate(tensor, context) for tensor in request.tensors]
-        return dataengine_pb2.Placements(placements=placements)
+        try:
+            return self._allocate(request)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
+        raise AssertionError("unreachable: abort raises")
 
     async def Commit(
         self, request: dataengine_pb2.CommitRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.TensorHandle:
-        return await self._commit_or_abort(request.tensor_id, context)
+        try:
+            return self._commit_written(request.tensor_id)
+        except Refused as refused:
+            await context.abort(refused.code, refused.message)
+        raise AssertionError("unreachable: abort raises")
+
+    async def Publish(
+        self,
+        request_iterator: AsyncIterator[dataengine_pb2.PublishRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[dataengine_pb2.PublishReply]:
+        reserved: set[str] = set()  # blocks reserved on this stream and not committed yet
+        try:
+            async for request in request_iterator:
+                yield self._publish_step(request, reserved)
+        finally:
+            for tensor_id in reserved:
+                self.store.abort(tensor_id)
+
+    def _publish_step(
+        self, request: dataengine_pb2.PublishRequest, reserved: set[str]
+    ) -> dataengine_pb2.PublishReply:
+        """All of a step or, refused, none of its reservations (tensors it committed stay)."""
+        reply = dataengine_pb2.PublishReply()
+        step: list[str] = []
+        try:
+            for tensor in request.tensors:
+                reply.placements.append(self._allocate(tensor))
+                if not tensor.data:
+                    step.append(tensor.header.tensor_id)
+            reserved.update(step)
+            for tensor_id in request.commit:
+                if tensor_id not in reserved:
+                    raise Refused(grpc.StatusCode.ABORTED, f"tensor {tensor_id} is not being written here")
+                reserved.discard(tensor_id)
+                reply.committed.append(self._commit_written(tensor_id))
+        except Refused as refused:
+            for tensor_id in step:
+                reserved.discard(tensor_id)
+                self.store.abort(tensor_id)
+            return dataengine_pb2.PublishReply(code=refused.code.value[0], error=refused.message)
+        return reply
 
     async def Locate(
         self, request: dataengine_pb2.GetTensorRequest, context: grpc.aio.ServicerContext
@@ -334,13 +382,23 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
         self._drop(freed)
         return dataengine_pb2.FreeReply(freed=len(freed))
 
+    def _free(self, request: dataengine_pb2.FreeRequest) -> int:
+        freed = self.store.free(list(request.tensor_ids), request.request_id)
+        self._drop(freed)
+        return len(freed) + self.parts.free(list(request.tensor_ids), request.request_id)
+
     async def Free(
         self, request: dataengine_pb2.FreeRequest, context: grpc.aio.ServicerContext
     ) -> dataengine_pb2.FreeReply:
-        freed = self.store.free(list(request.tensor_ids), request.request_id)
-        self._drop(freed)
-        streams = self.parts.free(list(request.tensor_ids), request.request_id)
-        return dataengine_pb2.FreeReply(freed=len(freed) + streams)
+        return dataengine_pb2.FreeReply(freed=self._free(request))
+
+    async def FreeStream(
+        self, request_iterator: AsyncIterator[dataengine_pb2.FreeRequest], context: grpc.aio.ServicerContext
+    ) -> dataengine_pb2.FreeReply:
+        freed = 0
+        async for request in request_iterator:
+            freed += self._free(request)
+        return dataengine_pb2.FreeReply(freed=freed)
 
     async def Stats(
         self, request: common_pb2.Empty, context: grpc.aio.ServicerContext

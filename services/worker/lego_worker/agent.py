@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import psutil
 import structlog
-from lego import dataplane, keys, metrics
+from lego import dataplane, keys, metrics, tensors
 from lego.device_cache import CacheFull
 from lego.grpc_server import RunningServer, channel, start_server
 from lego.model_sources import SourcePolicy
@@ -248,10 +249,22 @@ class WorkerAgent:
             result = await self._run_batch(batch)
             await self._write(call, coordinator_pb2.WorkerMessage(result=result))
 
-    async def _fetch(self, value: common_pb2.Value) -> Any:
-        if value.WhichOneof("kind") == "tensor":
-            return await self.data.get(value.tensor)
-        return from_value(value)
+    async def _inputs(self, task: coordinator_pb2.Task) -> dict[str, Any]:
+        """A task's inputs: values, inline scalars and tensors the mapped arena holds at once; the
+        rest (not mapped yet, not arrived, on another host) awaited together."""
+        ready: dict[str, Any] = {}
+        waiting = []
+        for name, value in task.inputs.items():
+            if value.WhichOneof("kind") != "tensor":
+                ready[name] = from_value(value)
+            elif (array := self.data.local(value.tensor)) is not None:
+                ready[name] = array
+            else:
+                waiting.append(name)
+        if waiting:
+            arrays = await asyncio.gather(*(self.data.get(task.inputs[name].tensor) for name in waiting))
+            ready.update(zip(waiting, arrays, strict=True))
+        return {name: ready[name] for name in task.inputs}
 
     async def _run_batch(self, batch: coordinator_pb2.TaskBatch) -> coordinator_pb2.BatchResult:
         result = coordinator_pb2.BatchResult(batch_id=batch.batch_id)
@@ -264,23 +277,24 @@ class WorkerAgent:
         try:
             items = []
             for task in batch.tasks:
-                names = list(task.inputs)
-                values = await asyncio.gather(*(self._fetch(task.inputs[n]) for n in names))
-                item = dict(zip(names, values, strict=True))
+                item = await self._inputs(task)
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
             patches = tuple((p.source, p.scale) for p in batch.patches)
             outputs = await self.executor.run_async(batch.op, batch.model, batch.mode, items, patches)
             result.execution_s = self.executor.last_execution_s
-            published = [
-                (task, name, f"{task.request_id}/{task.node_id}/{name}", produced[name])
+            named = [
+                (task.task_id, name, f"{task.request_id}/{task.node_id}/{name}", produced[name])
                 for task, produced in zip(batch.tasks, outputs, strict=True)
                 for name in task.outputs
             ]
-            handles = await self.data.put_many([(tensor_id, array) for _, _, tensor_id, array in published])
+            stored = [(tensor_id, array) for _, _, tensor_id, array in named if np.ndim(array) > 0]
+            handles = iter(await self.data.put_many(stored))
             results = {task.task_id: result.results.add(task_id=task.task_id) for task in batch.tasks}
-            for (task, name, _, _), handle in zip(published, handles, strict=True):
-                results[task.task_id].outputs[name].CopyFrom(handle)
+            for task_id, name, tensor_id, array in named:
+                scalar = np.ndim(array) == 0
+                handle = tensors.inline_handle(tensor_id, array) if scalar else next(handles)
+                results[task_id].outputs[name].CopyFrom(handle)
             self._count_batch(batch, result.execution_s)
         except Exception as error:
             log.exception("batch_failed", op=batch.op, model=batch.model)
@@ -328,6 +342,7 @@ class WorkerService:
 
     async def stop(self) -> None:
         await cancel_task(self._task)
+        self.agent.data.close()
         with contextlib.suppress(Exception):
             await self.registration.close()
         await self.server.stop()
