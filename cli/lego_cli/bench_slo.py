@@ -1,13 +1,15 @@
 """Trace replay on a live cluster of emulated GPUs: SLO attainment under a scheduling policy.
 
-`lego bench slo --trace FILE --family sd15 --workers 8 --policy lego --time-scale K --json OUT`
-starts an embedded cluster (emulated H800 workers, admission control on), registers the family's
-three workflows (tenants A, B, C of the trace), measures each one's standalone latency alone on the
-idle cluster, sets its SLO to `--slo-factor` x that, and replays the trace open loop: each request
-is sent at its arrival time (divided by K, as the emulated GPUs run K times faster), whatever the
-cluster is doing. Latencies and GPU-seconds are reported in emulated-GPU time (wall time x K).
-`--rs 0.5,1,2` replays the trace at those multiples of its request rate; `--duration S` keeps only
-its first S seconds. The figures have the simulator's keys (`lego sim`), so the two can be compared.
+`lego bench slo --trace FILE --family flux-schnell --workers 8 --policy lego --time-scale K --json OUT`
+starts an embedded cluster (emulated H800 workers, admission control on), registers the workload's
+workflows (a family's tenants A, B, C, or a mix: lego_cli.workloads, the same as `lego sim`),
+prefetches their models into every worker's host memory (private copies per workflow under the
+monolithic policies), measures each workflow's standalone latency alone on the idle cluster, sets
+its SLO to `--slo-factor` x that, replays a warm-up (the first `--warmup` seconds of the run's own
+arrivals, not counted) and then the trace, open loop: each request is sent at its arrival time
+(divided by K, as the emulated GPUs run K times faster), whatever the cluster is doing. Latencies
+and GPU-seconds are reported in emulated-GPU time (wall time x K). `--duration S` keeps only the
+first S seconds of each run. The figures have the simulator's keys, so the two can be compared.
 """
 
 from __future__ import annotations
@@ -18,50 +20,65 @@ import json
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import grpc
 from lego.client import AsyncGatewayClient, LegoError
+from lego.graph import instantiate
 from lego.grpc_server import channel
+from lego.request_inputs import resolve_inputs
 from lego.traces import TraceRequest
-from lego.v1 import compiler_pb2_grpc
+from lego.v1 import common_pb2, compiler_pb2_grpc, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
 from lego.values import Scalar
-from lego_coordinator.scheduler import POLICIES
+from lego_coordinator.scheduler import as_placed
 from lego_coordinator.service import CoordinatorConfig
 from lego_coordinator.simulator import Outcome, summarize
 from lego_worker.agent import WorkerConfig
 
 from lego_cli.cluster import EmbeddedCluster
 from lego_cli.plot import attainment_plot
-from lego_cli.sim import FAMILIES, series
+from lego_cli.sim import TARGET, add_workload_flags, arrivals_of, load_workload, policies_of
+from lego_cli.workloads import Workload, warmup_of
 
 UNBOUNDED_SLO_MS = 3_600_000.0  # the standalone runs must not be dropped while their models load
 STANDALONE_RUNS = 2  # the first run of a workflow loads its models; the last is its standalone latency
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", type=Path, required=True, help="a trace file, or a directory of them")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15")
+    add_workload_flags(parser)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--policy", default="lego", help=f"one or more of {','.join(POLICIES)}")
     parser.add_argument("--time-scale", type=float, default=10.0, help="emulated GPUs run K times faster")
-    parser.add_argument("--rs", default="", help="request-rate multiples of a single trace, e.g. 0.5,1,2")
     parser.add_argument("--duration", type=float, default=0.0, help="replay only the first S seconds")
-    parser.add_argument("--slo-factor", type=float, default=2.0)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None, help="SLO attainment vs RS per policy (PNG)")
 
 
-async def _register(
-    cluster: EmbeddedCluster, family: str
-) -> tuple[dict[str, str], dict[str, dict[str, Scalar]]]:
-    workflows, inputs = FAMILIES[family]()
+async def _register(cluster: EmbeddedCluster, chosen: Workload) -> dict[str, str]:
+    """Register every workflow of the workload: tenant → registered name."""
     async with channel(cluster.compiler_address) as chan:
         stub = compiler_pb2_grpc.CompilerStub(chan)
-        for spec in workflows.values():
+        for spec in chosen.workflows.values():
             await stub.RegisterWorkflow(spec)
-    return {tenant: spec.name for tenant, spec in workflows.items()}, inputs
+    return {tenant: spec.name for tenant, spec in chosen.workflows.items()}
+
+
+async def _prefetch(cluster: EmbeddedCluster, chosen: Workload, policy: str) -> int:
+    """Every model the policy will run (private copies under the baselines) into every worker's host
+    memory, as the simulator's workers start; the number of prefetches."""
+    models: set[str] = set()
+    for tenant, spec in chosen.workflows.items():
+        graph = as_placed(policy, spec.name, instantiate(spec, resolve_inputs(spec, chosen.inputs[tenant])))
+        models |= {node.model for node in graph.nodes.values() if not node.model.startswith("builtin:")}
+    async with channel(cluster.coordinator_address) as chan:
+        status = await coordinator_pb2_grpc.CoordinatorStub(chan).ClusterStatus(common_pb2.Empty())
+    addresses = [worker.address for worker in status.workers]
+
+    async def fill(address: str) -> None:
+        async with channel(address) as worker_channel:
+            stub = worker_pb2_grpc.WorkerStub(worker_channel)
+            for model in sorted(models):
+                await stub.PrefetchModel(worker_pb2.ModelRequest(model=model))
+
+    await asyncio.gather(*(fill(address) for address in addresses))
+    return len(models) * len(addresses)
 
 
 async def _standalone_s(
@@ -100,9 +117,26 @@ async def _one(
     return outcome, sent - at
 
 
+async def _replay_run(
+    client: AsyncGatewayClient,
+    names: dict[str, str],
+    chosen: Workload,
+    arrivals: list[tuple[float, str]],
+    slo_s: dict[str, float],
+    scale: float,
+) -> list[tuple[Outcome, float]]:
+    """One open-loop replay of (arrival time, tenant) pairs, starting half a second from now."""
+    start = time.perf_counter() + 0.5
+    sends = [
+        _one(client, names[tenant], chosen.inputs[tenant], slo_s[tenant], start + at / scale, scale)
+        for at, tenant in arrivals
+    ]
+    return list(await asyncio.gather(*sends))
+
+
 async def replay(
-    args: argparse.Namespace, policy: str, runs: list[tuple[float, list[TraceRequest]]]
-) -> list[dict]:
+    args: argparse.Namespace, policy: str, chosen: Workload, runs: list[tuple[float, list[TraceRequest]]]
+) -> list[dict[str, Any]]:
     """Every run of the series on one fresh cluster with `policy` (one cluster per policy)."""
     cluster = EmbeddedCluster(
         workers=args.workers,
@@ -113,24 +147,19 @@ async def replay(
     )
     results = []
     async with cluster, AsyncGatewayClient(cluster.gateway_address, timeout_s=3600) as client:
-        names, inputs = await _register(cluster, args.family)
-        standalone = await _standalone_s(client, names, inputs)
+        names = await _register(cluster, chosen)
+        prefetched = await _prefetch(cluster, chosen, policy)
+        standalone = await _standalone_s(client, names, chosen.inputs)
+        slo_s = {tenant: args.slo_factor * seconds for tenant, seconds in standalone.items()}
+        unbounded = dict.fromkeys(slo_s, UNBOUNDED_SLO_MS / 1000)
         for scale, requests in runs:
             if args.duration > 0:
                 requests = [r for r in requests if r.time_s <= args.duration]
-            start = time.perf_counter() + 0.5
-            sends = [
-                _one(
-                    client,
-                    names[r.tenant],
-                    inputs[r.tenant],
-                    args.slo_factor * standalone[r.tenant],
-                    start + r.time_s / args.time_scale,
-                    args.time_scale,
-                )
-                for r in requests
-            ]
-            answered = await asyncio.gather(*sends)
+            tenants = [a.workflow for a in arrivals_of(requests, chosen, args)]
+            arrivals = [(r.time_s, tenant) for r, tenant in zip(requests, tenants, strict=True)]
+            warmup = arrivals[: len(warmup_of(requests, args.warmup))]
+            await _replay_run(client, names, chosen, warmup, unbounded, args.time_scale)
+            answered = await _replay_run(client, names, chosen, arrivals, slo_s, args.time_scale)
             lags = sorted(lag for _, lag in answered)
             results.append(
                 {"policy": policy, "rs": scale}
@@ -138,6 +167,8 @@ async def replay(
                 | {
                     "failures": dict(Counter(o.failure for o, _ in answered if o.failure)),
                     "standalone_s": {names[t]: round(s * args.time_scale, 4) for t, s in standalone.items()},
+                    "warmup_requests": len(warmup),
+                    "prefetched": prefetched,
                     "generator_lag_p99_ms": round(1000 * lags[int(0.99 * (len(lags) - 1))], 2)
                     if lags
                     else None,
@@ -149,20 +180,18 @@ async def replay(
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    policies = [p for p in args.policy.split(",") if p]
-    unknown = sorted(set(policies) - set(POLICIES))
-    if unknown:
-        raise SystemExit(f"error: unknown policy {unknown[0]!r} (choose from {', '.join(POLICIES)})")
-    runs = series(args.trace, args.rs)
+    policies = policies_of(args.policy)
+    chosen, runs = load_workload(args)
     results: list[dict[str, Any]] = []
     max_rs: dict[str, float | None] = {}
     for policy in policies:
-        measured = asyncio.run(replay(args, policy, runs))
+        measured = asyncio.run(replay(args, policy, chosen, runs))
         results += measured
-        passing = [r["rs"] for r in measured if (r["slo_attainment"] or 0) >= 0.9]
+        passing = [r["rs"] for r in measured if (r["slo_attainment"] or 0) >= TARGET]
         max_rs[policy] = max(passing) if passing else None
     figures = {
         "family": args.family,
+        "skew": args.skew,
         "workers": args.workers,
         "time_scale": args.time_scale,
         "max_rs_at_90": max_rs,

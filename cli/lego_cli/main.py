@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, str] = {
     "dataengine": "lego_cli.bench_dataengine",
     "overhead": "lego_cli.bench_overhead",
     "slo": "lego_cli.bench_slo",
+    "sweep": "lego_cli.bench_slo",  # the same replay, named for a directory of traces x policies
 }
 DEMO_PROMPT = "a red circle on a blue background"
 

@@ -1,4 +1,4 @@
-"""SLO attainment against request scale, one line per policy, drawn with Pillow (no plotting library)."""
+"""SLO attainment against request scale (or GPUs), one line per policy, drawn with Pillow."""
 
 from __future__ import annotations
 
@@ -18,12 +18,16 @@ COLOURS = {
 }
 
 
-def attainment_plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
-    """`runs`: dicts with `policy`, `rs` and `slo_attainment` (the `runs` of lego sim / bench slo)."""
+X_LABELS = {"rs": "request scale (RS)", "gpus": "GPUs"}
+
+
+def attainment_plot(runs: list[dict[str, Any]], path: Path, title: str, x: str = "rs") -> None:
+    """`runs`: dicts with `policy`, `slo_attainment` and `x` (`rs` or `gpus`): the `runs` of lego sim
+    / bench slo, SLO attainment against request scale or GPU count, one line per policy."""
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for run in runs:
         if run.get("slo_attainment") is not None:
-            lines[run["policy"]].append((float(run["rs"]), float(run["slo_attainment"])))
+            lines[run["policy"]].append((float(run[x]), float(run["slo_attainment"])))
     image = Image.new("RGB", SIZE, "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = MARGIN[0], MARGIN[1], SIZE[0] - MARGIN[2], SIZE[1] - MARGIN[3]
@@ -38,16 +42,16 @@ def attainment_plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
         draw.line((left, y, right, y), fill=(200, 200, 200) if tick != 0.9 else (120, 120, 120))
         draw.text((left - 40, y - 6), f"{tick:.0%}", fill="black")
     for rs in sorted({rs for points in lines.values() for rs, _ in points}):
-        x = at(rs, 0)[0]
-        draw.text((x - 8, bottom + 8), f"{rs:g}", fill="black")
-    draw.text(((left + right) // 2 - 50, bottom + 30), "request scale (RS)", fill="black")
+        tick_x = at(rs, 0)[0]
+        draw.text((tick_x - 8, bottom + 8), f"{rs:g}", fill="black")
+    draw.text(((left + right) // 2 - 50, bottom + 30), X_LABELS[x], fill="black")
     draw.text((left, 8), title, fill="black")
     for index, (policy, points) in enumerate(sorted(lines.items())):
         colour = COLOURS.get(policy, (90, 90, 90))
         xy = [at(rs, attainment) for rs, attainment in sorted(points)]
         if len(xy) > 1:
             draw.line(xy, fill=colour, width=3)
-        for x, y in xy:
-            draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
+        for px, py in xy:
+            draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=colour)
         draw.text((left + 12, bottom - 80 + 16 * index), f"- {policy}", fill=colour)
     image.save(path)

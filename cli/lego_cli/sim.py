@@ -1,138 +1,153 @@
-"""Simulate a trace against a cluster of N GPUs (profiled H800s) under a scheduling policy.
+"""Simulate a trace against a cluster of N GPUs (profiled H800s) under scheduling policies.
 
-`lego sim --gpus 8 --trace FILE --family sd15|flux-schnell --policy lego,static --json OUT`. The
-trace's tenants map to the family's three workflows (A: txt2img, B: ControlNet canny, C: ControlNet
-depth).
-`--rs 0.5,1,2` replays the trace at those multiples of its request rate (burst shape kept); with a
-directory as `--trace` every trace file in it is run (its request scale is read from the name).
-The simulator drives the coordinator's own scheduler core (lego_coordinator.simulator).
+`lego sim --gpus 8 --trace FILE --family flux-schnell --policy lego,static --json OUT`. The trace's
+tenants map to the family's three workflows (lego_cli.workloads); `--family a,b` mixes families (each
+request's family drawn at random), `--skew 0.9` sends 90 % of the requests to tenant A.
+`--trace` is a trace file (`--rs 0.5,1,2` replays it at those multiples of its rate, burst shape
+kept), a directory of them (every file, its request scale read from the name) or synthetic arrivals
+(`poisson:rate=2,duration=120`, `gamma:rate=2,cv=3,duration=120`). `--gpus 4,8,16` runs each cluster
+size and reports the fewest GPUs that hold 90 % attainment. Each run is preceded by a warm-up (the
+first `--warmup` seconds of its own arrivals, not counted). The simulator drives the coordinator's
+own scheduler core (lego_coordinator.simulator).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from lego.builtin_workflows import flux_txt2img, sd15_controlnet, sd15_txt2img
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
-from lego.traces import TraceRequest, load_trace, rescale
-from lego.v1 import compiler_pb2
-from lego.values import Scalar
+from lego.traces import TraceRequest
 from lego_coordinator.scheduler import POLICIES
 from lego_coordinator.simulator import Arrival, Simulator, offered_gpu_seconds, standalone_latencies
-from lego_worker.images import encode_data_uri
 
 from lego_cli.plot import attainment_plot
+from lego_cli.workloads import FAMILIES, Workload, assign_tenants, series, warmup_of, workload
 
-# The control image of B and C requests (emulated workers only check that it is there).
-CONTROL_IMAGE = encode_data_uri(np.full((64, 64, 3), 128, dtype=np.uint8))
-Family = Callable[[], tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dict[str, Scalar]]]]
-
-
-def _sd15() -> tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dict[str, Scalar]]]:
-    workflows = {
-        "A": sd15_txt2img("sd15-txt2img", "sd15"),
-        "B": sd15_controlnet("sd15-canny", "sd15", controlnet="controlnet_canny"),
-        "C": sd15_controlnet("sd15-depth", "sd15", controlnet="controlnet_depth"),
-    }
-    common: dict[str, Scalar] = {"prompt": "a photo", "steps": 50, "guidance_scale": 7.5}
-    inputs = {
-        "A": common,
-        "B": {**common, "control_image": CONTROL_IMAGE},
-        "C": {**common, "control_image": CONTROL_IMAGE},
-    }
-    return workflows, inputs
+TARGET = 0.9  # the attainment a policy must hold
 
 
-def _flux_schnell() -> tuple[dict[str, compiler_pb2.WorkflowSpec], dict[str, dict[str, Scalar]]]:
-    """FLUX.1-schnell, 4 steps, 1024x1024, with FLUX.1-dev's ControlNets (as in the paper's setup).
-    Unlike the paper's runs it has no CFG branches: FLUX takes its guidance embedded."""
-    source, dev = "black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev"
-    workflows = {
-        "A": flux_txt2img("flux-schnell-txt2img", source, default_steps=4),
-        "B": flux_txt2img(
-            "flux-schnell-canny", source, default_steps=4, controlnet=f"{dev}:controlnet_canny"
-        ),
-        "C": flux_txt2img(
-            "flux-schnell-depth", source, default_steps=4, controlnet=f"{dev}:controlnet_depth"
-        ),
-    }
-    common: dict[str, Scalar] = {"prompt": "a photo"}
-    inputs = {
-        "A": common,
-        "B": {**common, "control_image": CONTROL_IMAGE},
-        "C": {**common, "control_image": CONTROL_IMAGE},
-    }
-    return workflows, inputs
-
-
-FAMILIES: dict[str, Family] = {"sd15": _sd15, "flux-schnell": _flux_schnell}
+def add_workload_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags `lego sim` and `lego bench slo` share: what is replayed, and under which policies."""
+    parser.add_argument(
+        "--trace",
+        "--traces",
+        dest="trace",
+        required=True,
+        help="a trace file, a directory of them, or poisson:/gamma: arrivals",
+    )
+    parser.add_argument(
+        "--family", default="sd15", help=f"one of {', '.join(FAMILIES)}, or several (a mix), comma-separated"
+    )
+    parser.add_argument("--skew", type=float, default=0.0, help="send this share of the requests to tenant A")
+    parser.add_argument("--seed", type=int, default=0, help="draws the families of a mix and the skew")
+    parser.add_argument(
+        "--policy", "--policies", dest="policy", default="lego", help=f"one or more of {','.join(POLICIES)}"
+    )
+    parser.add_argument("--rs", default="", help="request-rate multiples of a single trace, e.g. 0.5,1,2")
+    parser.add_argument(
+        "--warmup", type=float, default=30.0, help="seconds of each run's arrivals replayed first"
+    )
+    parser.add_argument("--slo-factor", type=float, default=2.0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="SLO attainment vs RS (or GPUs) per policy")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--trace", type=Path, required=True, help="a trace file, or a directory of them")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15")
-    parser.add_argument("--policy", default="lego", help=f"one or more of {','.join(POLICIES)}")
-    parser.add_argument("--rs", default="", help="request-rate multiples of a single trace, e.g. 0.5,1,2")
-    parser.add_argument("--slo-factor", type=float, default=2.0)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None, help="SLO attainment vs RS per policy (PNG)")
+    add_workload_flags(parser)
+    parser.add_argument("--gpus", default="8", help="cluster size, or several: 4,8,16")
 
 
-def series(trace: Path, rs: str) -> list[tuple[float, list[TraceRequest]]]:
-    """(request scale, requests) for each run: every trace of a directory (its scale read from the
-    name), or one trace at each multiple of its rate in `rs` ("0.5,1,2"; empty: as recorded)."""
-    if trace.is_dir():
-        runs = []
-        for path in sorted(trace.glob("*.txt")):
-            match = re.search(r"_rs([0-9.]+)_", path.name)
-            runs.append((float(match.group(1)) if match else 1.0, load_trace(path)))
-        return sorted(runs, key=lambda run: run[0])
-    requests = load_trace(trace)
-    factors = [float(f) for f in rs.split(",") if f] or [1.0]
-    return [(factor, rescale(requests, factor)) for factor in factors]
+def policies_of(text: str) -> list[str]:
+    policies = [p for p in text.split(",") if p]
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown or not policies:
+        raise SystemExit(
+            f"error: unknown policy {(unknown or [text])[0]!r} (choose from {', '.join(POLICIES)})"
+        )
+    return policies
+
+
+def load_workload(args: argparse.Namespace) -> tuple[Workload, list[tuple[float, list[TraceRequest]]]]:
+    """The workload and the arrival series the flags name; a bad flag exits naming it."""
+    if not 0 <= args.skew <= 1:
+        raise SystemExit(f"error: --skew must be between 0 and 1, got {args.skew}")
+    try:
+        return workload(args.family), series(args.trace, args.rs)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def arrivals_of(requests: list[TraceRequest], chosen: Workload, args: argparse.Namespace) -> list[Arrival]:
+    tenants = assign_tenants(requests, sorted(chosen.workflows), args.skew, args.seed)
+    return [Arrival(r.time_s, t, chosen.inputs[t]) for r, t in zip(requests, tenants, strict=True)]
+
+
+def best_passing(runs: list[dict[str, Any]], key: str, smallest: bool) -> float | None:
+    """The largest RS (or the fewest GPUs) among runs holding the target attainment."""
+    passing = [run[key] for run in runs if (run["slo_attainment"] or 0.0) >= TARGET]
+    if not passing:
+        return None
+    return min(passing) if smallest else max(passing)
 
 
 def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
-    policies = [p for p in args.policy.split(",") if p]
-    unknown = sorted(set(policies) - set(POLICIES))
-    if unknown:
-        raise SystemExit(f"error: unknown policy {unknown[0]!r} (choose from {', '.join(POLICIES)})")
+    policies = policies_of(args.policy)
+    try:
+        gpu_counts = sorted({int(g) for g in str(args.gpus).split(",") if g})
+    except ValueError:
+        raise SystemExit(f"error: --gpus must be integers, got {args.gpus!r}") from None
+    if not gpu_counts or gpu_counts[0] < 1:
+        raise SystemExit(f"error: --gpus must be ≥ 1, got {args.gpus!r}")
+    chosen, runs_of_trace = load_workload(args)
     directory = default_profile_dir()
     profiles, batch_sizes = ProfileSet(directory), load_batch_sizes(directory)
-    workflows, inputs = FAMILIES[args.family]()
-    standalone = standalone_latencies(workflows, inputs, profiles)
+    standalone = standalone_latencies(chosen.workflows, chosen.inputs, profiles)
+    started = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    max_rs: dict[str, float | None] = {}
     for policy in policies:
-        best: float | None = None
-        for scale, requests in series(args.trace, args.rs):
-            arrivals = [Arrival(r.time_s, r.tenant, inputs[r.tenant]) for r in requests]
-            simulator = Simulator(workflows, args.gpus, profiles, policy, batch_sizes, args.slo_factor)
-            summary = simulator.run(arrivals).summary()
-            duration = max(requests[-1].time_s, 1e-9) if requests else 1.0
-            offered = offered_gpu_seconds(arrivals, standalone) / duration  # GPUs' worth of work
-            runs.append({"policy": policy, "rs": scale, "offered_gpus": round(offered, 3)} | summary)
-            attainment = summary["slo_attainment"]
-            if isinstance(attainment, float) and attainment >= 0.9:
-                best = scale if best is None else max(best, scale)
-        max_rs[policy] = best
+        for gpus in gpu_counts:
+            for scale, requests in runs_of_trace:
+                arrivals = arrivals_of(requests, chosen, args)
+                warmup = arrivals[: len(warmup_of(requests, args.warmup))]
+                simulator = Simulator(chosen.workflows, gpus, profiles, policy, batch_sizes, args.slo_factor)
+                summary = simulator.run(arrivals, warmup).summary()
+                duration = max(requests[-1].time_s, 1e-9) if requests else 1.0
+                offered = offered_gpu_seconds(arrivals, standalone) / duration  # GPUs' worth of work
+                runs.append(
+                    {"policy": policy, "gpus": gpus, "rs": scale, "offered_gpus": round(offered, 3)} | summary
+                )
     first = runs[0]
-    capacity_rs = first["rs"] * args.gpus / first["offered_gpus"] if first["offered_gpus"] else None
-    return {
+    capacity_rs = first["rs"] * gpu_counts[0] / first["offered_gpus"] if first["offered_gpus"] else None
+    figures: dict[str, Any] = {
         "family": args.family,
-        "gpus": args.gpus,
+        "skew": args.skew,
+        "gpus": gpu_counts[0] if len(gpu_counts) == 1 else gpu_counts,
         "standalone_s": {name: round(s, 4) for name, s in standalone.items()},
         "capacity_rs": round(capacity_rs, 3) if capacity_rs else None,
-        "max_rs_at_90": max_rs,
-        "runs": runs,
+        "max_rs_at_90": {
+            policy: best_passing(
+                [r for r in runs if r["policy"] == policy and r["gpus"] == gpu_counts[0]], "rs", False
+            )
+            for policy in policies
+        },
     }
+    if len(gpu_counts) > 1:
+        figures["min_gpus_at_90"] = {
+            policy: {
+                str(scale): best_passing(
+                    [r for r in runs if r["policy"] == policy and r["rs"] == scale], "gpus", True
+                )
+                for scale, _ in runs_of_trace
+            }
+            for policy in policies
+        }
+    figures["simulation_wall_s"] = round(time.perf_counter() - started, 2)
+    figures["runs"] = runs
+    return figures
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,5 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(text + "\n")
     if args.plot is not None:
-        attainment_plot(figures["runs"], args.plot, f"lego sim: {args.family}, {args.gpus} GPUs")
+        by_gpus = isinstance(figures["gpus"], list) and len(series(args.trace, args.rs)) == 1
+        gpus = "" if by_gpus else f", {figures['gpus']} GPUs"
+        title = f"lego sim: {args.family}{f', skew {args.skew:g}' if args.skew else ''}{gpus}"
+        attainment_plot(figures["runs"], args.plot, title, x="gpus" if by_gpus else "rs")
     return 0

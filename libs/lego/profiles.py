@@ -43,6 +43,8 @@ PROFILE_MODES = {
 }
 
 # A model id's source → its family's profile names per component. `profile:<Name>` names one directly.
+# A stack of text encoders that runs as one node of ours is the sum of its members' profiles
+# (`A+B`): the profiles' own *TextEncoder entries time only the paper's combining step (≈ 0 s, 0 B).
 FAMILY_PROFILES = {
     "sd15": {
         "text_encoder": "CLIP_SD15",
@@ -53,7 +55,7 @@ FAMILY_PROFILES = {
         "controlnet_depth": "StableDiffusion15ControlNetDepth",
     },
     "sdxl": {
-        "text_encoders": "StableDiffusionXLTextEncoder",
+        "text_encoders": "CLIP_SDXL_1+CLIP_SDXL_2",
         "unet": "StableDiffusionXL",
         "vae": "StableDiffusionXLVAE",
         "scheduler": "EulerDiscreteScheduler",
@@ -61,7 +63,7 @@ FAMILY_PROFILES = {
         "controlnet_depth": "StableDiffusionXLControlNetDepth",
     },
     "sd3-medium": {
-        "text_encoders": "StableDiffusion3TextEncoder",
+        "text_encoders": "CLIP_L+CLIP_G+T5",
         "transformer": "StableDiffusion3",
         "vae": "StableDiffusion3VAE",
         "scheduler": "FlowMatchEulerDiscreteScheduler",
@@ -69,7 +71,7 @@ FAMILY_PROFILES = {
         "controlnet_pose": "StableDiffusion3ControlNetPose",
     },
     "sd35-large": {
-        "text_encoders": "StableDiffusion3TextEncoder",
+        "text_encoders": "CLIP_L+CLIP_G+T5",
         "transformer": "StableDiffusion35Large",
         "vae": "StableDiffusion35LargeVAE",
         "scheduler": "FlowMatchEulerDiscreteScheduler",
@@ -77,7 +79,7 @@ FAMILY_PROFILES = {
         "controlnet_depth": "StableDiffusion35LargeControlNetDepth",
     },
     "flux-dev": {
-        "text_encoders": "FluxTextEncoder",
+        "text_encoders": "CLIP_Flux+T5_Flux",
         "transformer": "Flux1Dev",
         "vae": "Flux1VAE",
         "scheduler": "FluxFlowMatchEulerDiscreteScheduler",
@@ -85,7 +87,7 @@ FAMILY_PROFILES = {
         "controlnet_depth": "Flux1DevControlNetDepth",
     },
     "flux-schnell": {
-        "text_encoders": "FluxTextEncoder",
+        "text_encoders": "CLIP_Flux+T5_Flux",
         "transformer": "Flux1Schnell",
         "vae": "Flux1VAE",
         "scheduler": "FluxFlowMatchEulerDiscreteScheduler",
@@ -168,6 +170,30 @@ def parse_profile(data: dict[str, object]) -> ModelProfile:
     )
 
 
+def stacked(name: str, parts: list[ModelProfile]) -> ModelProfile:
+    """Models that load together and run one after another in one call (a stack of text encoders):
+    load times, memory and per-batch execution times add up, for the modes they all have."""
+    modes: dict[str, list[ExecutionPoint]] = {}
+    for mode in set.intersection(*(set(part.modes) for part in parts)):
+        sizes = sorted({p.batch_size for part in parts for p in part.modes[mode]})
+        modes[mode] = [
+            ExecutionPoint(
+                batch_size=size,
+                pixels=0,
+                seconds=sum(part.execution_s(mode, size) for part in parts),
+                peak_bytes=sum(part.peak_bytes() for part in parts),
+            )
+            for size in sizes
+        ]
+    return ModelProfile(
+        name=name,
+        disk_to_host_s=sum(part.disk_to_host_s for part in parts),
+        host_to_device_s=sum(part.host_to_device_s for part in parts),
+        memory_bytes=sum(part.memory_bytes for part in parts),
+        modes=modes,
+    )
+
+
 class ProfileSet:
     """Every `<Model>.json` of a profile directory, loaded on demand."""
 
@@ -179,10 +205,13 @@ class ProfileSet:
 
     def get(self, name: str) -> ModelProfile:
         if name not in self._cache:
-            path = self.directory / f"{name}.json"
-            if not path.exists():
-                raise KeyError(f"no profile {name!r} in {self.directory}")
-            self._cache[name] = parse_profile(json.loads(path.read_text()))
+            if "+" in name:
+                self._cache[name] = stacked(name, [self.get(part) for part in name.split("+")])
+            else:
+                path = self.directory / f"{name}.json"
+                if not path.exists():
+                    raise KeyError(f"no profile {name!r} in {self.directory}")
+                self._cache[name] = parse_profile(json.loads(path.read_text()))
         return self._cache[name]
 
     def for_model(self, model_id: str) -> ModelProfile:

@@ -3,6 +3,7 @@ traces/alibaba-katz-window. Parsing and rescaling are pure; arrival times start 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,3 +47,47 @@ def rescale(requests: list[TraceRequest], rate_factor: float) -> list[TraceReque
 
 def duration_s(requests: list[TraceRequest]) -> float:
     return requests[-1].time_s if requests else 0.0
+
+
+def synthetic(
+    rate: float, duration: float, cv: float = 1.0, tenants: str = "ABC", seed: int = 0
+) -> list[TraceRequest]:
+    """Arrivals at `rate` per second for `duration` seconds, gaps drawn from a Gamma distribution with
+    coefficient of variation `cv` (1: Poisson; > 1: burstier, e.g. 2-4; < 1: more regular); each
+    request's tenant drawn uniformly from `tenants`. Deterministic for a seed."""
+    if not rate > 0 or not duration > 0:
+        raise ValueError(f"rate and duration must be > 0, got rate {rate}, duration {duration}")
+    if not cv > 0:
+        raise ValueError(f"cv must be > 0, got {cv}")
+    chooser = random.Random(seed)
+    shape = 1.0 / (cv * cv)  # a Gamma(k, θ) gap has mean kθ and cv 1/√k
+    scale = 1.0 / (rate * shape)
+    requests: list[TraceRequest] = []
+    now = chooser.gammavariate(shape, scale)
+    while now <= duration:
+        requests.append(TraceRequest(chooser.choice(tenants), now))
+        now += chooser.gammavariate(shape, scale)
+    return requests
+
+
+def parse_synthetic(spec: str) -> list[TraceRequest]:
+    """`poisson:rate=2,duration=120[,seed=1]` or `gamma:rate=2,cv=3,duration=120[,seed=1]`."""
+    kind, _, rest = spec.partition(":")
+    if kind not in ("poisson", "gamma"):
+        raise ValueError(f"synthetic trace must start with 'poisson:' or 'gamma:', got {spec!r}")
+    allowed = {"rate", "duration", "seed"} | ({"cv"} if kind == "gamma" else set())
+    values: dict[str, float] = {}
+    for item in filter(None, rest.split(",")):
+        name, _, text = item.partition("=")
+        if name not in allowed:
+            raise ValueError(f"{kind}: unknown parameter {name!r} (choose from {', '.join(sorted(allowed))})")
+        try:
+            values[name] = float(text)
+        except ValueError:
+            raise ValueError(f"{kind}: {name} must be a number, got {text!r}") from None
+    missing = {"rate", "duration"} - set(values)
+    if missing:
+        raise ValueError(f"{kind}: needs {', '.join(sorted(missing))}, e.g. {kind}:rate=2,duration=120")
+    return synthetic(
+        values["rate"], values["duration"], values.get("cv", 1.0), seed=int(values.get("seed", 0))
+    )

@@ -33,3 +33,15 @@ def test_loading_and_memory_figures() -> None:
     assert unet.memory_bytes == 1732438528
     assert unet.peak_bytes() >= unet.memory_bytes
     assert 0 < unet.host_to_device_s < unet.disk_to_host_s
+
+
+def test_a_stack_of_text_encoders_costs_the_sum_of_its_members() -> None:
+    assert profile_name("black-forest-labs/FLUX.1-dev:text_encoders") == "CLIP_Flux+T5_Flux"
+    stack = PROFILES.for_model("stabilityai/stable-diffusion-3.5-large:text_encoders")
+    members = [PROFILES.get(name) for name in ("CLIP_L", "CLIP_G", "T5")]
+    assert stack.memory_bytes == sum(m.memory_bytes for m in members) > 14 * 10**9
+    assert stack.host_to_device_s == pytest.approx(sum(m.host_to_device_s for m in members))
+    for batch in (1, 3, 8):
+        assert stack.execution_s("default", batch) == pytest.approx(
+            sum(m.execution_s("default", batch) for m in members)
+        )

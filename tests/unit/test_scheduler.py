@@ -312,9 +312,12 @@ def test_static_pins_each_workflow_to_its_share_and_runs_one_request_at_a_time()
 def test_clockwork_runs_any_workflow_on_any_free_worker_preferring_loaded_models() -> None:
     scheduler = Scheduler(costs(), policy="clockwork")
     scheduler.add_worker("w0", host="h0")
-    scheduler.add_worker("w1", host="h0", loaded=["tiny-sd15:text_encoder", "tiny-sd15:unet"])
+    # a monolithic deployment: workflow wf's own private copies of its models
+    scheduler.add_worker("w1", host="h0", loaded=["tiny-sd15#wf:text_encoder", "tiny-sd15#wf:unet"])
+    scheduler.add_worker("w2", host="h0", loaded=["tiny-sd15:text_encoder", "tiny-sd15:unet"])
     scheduler.admit("a", "wf", graph(), 0.0)
-    assert scheduler.schedule(0.0).dispatches[0].worker_id == "w1"
+    [dispatch] = scheduler.schedule(0.0).dispatches
+    assert dispatch.worker_id == "w1" and dispatch.model == "tiny-sd15#wf:text_encoder"
 
 
 def test_shepherd_splits_workers_by_the_observed_mix() -> None:

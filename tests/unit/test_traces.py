@@ -1,7 +1,8 @@
+import itertools
 from pathlib import Path
 
 import pytest
-from lego.traces import TraceRequest, duration_s, load_trace, parse_trace, rescale
+from lego.traces import TraceRequest, duration_s, load_trace, parse_synthetic, parse_trace, rescale
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,3 +50,33 @@ def test_the_shipped_traces_match_their_readme() -> None:
     assert {
         r.tenant for r in load_trace(directory / "generated_trace_n3_rs1.0_st50000_t120_seed666.txt")
     } == {"A", "B", "C"}
+
+
+def test_synthetic_arrivals_have_the_asked_rate_and_burstiness() -> None:
+    poisson = parse_synthetic("poisson:rate=4,duration=2000,seed=3")
+    bursty = parse_synthetic("gamma:rate=4,cv=3,duration=2000,seed=3")
+    for requests, cv in ((poisson, 1.0), (bursty, 3.0)):
+        gaps = [b.time_s - a.time_s for a, b in itertools.pairwise(requests)]
+        mean = sum(gaps) / len(gaps)
+        std = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+        assert abs(len(requests) / 2000 - 4) < 0.3
+        assert abs(std / mean - cv) < 0.15 * cv
+        assert {r.tenant for r in requests} == {"A", "B", "C"}
+    assert parse_synthetic("poisson:rate=4,duration=50,seed=3") == parse_synthetic(
+        "poisson:rate=4,duration=50,seed=3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("uniform:rate=1", "must start with 'poisson:' or 'gamma:'"),
+        ("poisson:rate=1", "needs duration"),
+        ("poisson:rate=1,duration=5,cv=2", "unknown parameter 'cv'"),
+        ("gamma:rate=x,duration=5", "rate must be a number, got 'x'"),
+        ("gamma:rate=1,duration=5,cv=0", "cv must be > 0"),
+    ],
+)
+def test_bad_synthetic_specs_name_the_parameter(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_synthetic(spec)

@@ -76,8 +76,11 @@ class CostModel:
 
     def batch_limits(self, node: TaskNode) -> tuple[int, int]:
         """(latency-mode, throughput-mode) batch size for this node's model."""
-        name = self._profile_name(node.model)
-        return self.batch_sizes.get(name or "", DEFAULT_BATCH)
+        name = self._profile_name(node.model) or ""
+        if name in self.batch_sizes or "+" not in name:
+            return self.batch_sizes.get(name, DEFAULT_BATCH)
+        limits = [self.batch_sizes.get(part, DEFAULT_BATCH) for part in name.split("+")]  # a stack
+        return min(latency for latency, _ in limits), min(throughput for _, throughput in limits)
 
     @staticmethod
     def transfer_s(nbytes: int, same_host: bool) -> float:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from lego import operators
@@ -188,6 +188,23 @@ class _Worker:
     serving: str | None = None  # monolithic: the request it runs
     preloading: set[str] = field(default_factory=set)
     draining: bool = False  # scale-down: no new work; it leaves once `drained`
+
+
+def private_copies(graph: RequestGraph, owner: str) -> RequestGraph:
+    """The graph with every model replaced by `owner`'s private copy of it (`source#owner:component`):
+    a monolithic deployment gives each workflow its own weights, shared with no other workflow."""
+    nodes = {}
+    for node_id, node in graph.nodes.items():
+        source, _, component = node.model.rpartition(":")
+        private = source and "#" not in source and node.model != operators.IMAGE_MODEL
+        nodes[node_id] = replace(node, model=f"{source}#{owner}:{component}") if private else node
+    return RequestGraph(nodes, graph.outputs, graph.consumers)
+
+
+def as_placed(policy: str, workflow: str, graph: RequestGraph) -> RequestGraph:
+    """The graph as `policy` runs it: the monolithic baselines give each workflow private copies of
+    its models (as one pipeline per workflow does); lego shares them."""
+    return graph if policy == "lego" else private_copies(graph, workflow)
 
 
 def _batch_key(node: TaskNode) -> tuple[str, str, str, tuple[tuple[str, float], ...]]:
@@ -386,6 +403,7 @@ class Scheduler:
                     estimate,
                     standalone,
                 )
+        graph = self.as_placed(workflow, graph)
         request = _Request(request_id, workflow, graph, now, next(self._seq), deadline, standalone, {}, {})
         work = self.costs.work_s(graph.nodes.values())
         request.work_ratio = standalone / work if work > 0 else 1.0
@@ -395,6 +413,9 @@ class Scheduler:
         for node in graph.nodes.values():
             self._pending_s[node.model] += self.costs.exec_s(node)
         return Admission(True, "", deadline, estimate, standalone)
+
+    def as_placed(self, workflow: str, graph: RequestGraph) -> RequestGraph:
+        return as_placed(self.policy, workflow, graph)
 
     def _init_readiness(self, request: _Request) -> None:
         request.remaining = {}

@@ -5,6 +5,11 @@ the profiled execution time; a model that is not resident first costs its load t
 first time on a worker, then host → device) and evicts least-recently-used idle models under the
 device memory budget. The scheduler's decisions are taken exactly as in the live coordinator; only
 the clock and the workers are simulated. Pure: no I/O, no wall clock.
+
+Workers start with an empty device and every model prefetched into host memory. A warm-up
+(`run(arrivals, warmup=...)`, e.g. the first seconds of the same trace) runs first, as on a live
+cluster, and is not counted: its loads leave each policy's models where that policy put them; the
+measured arrivals start WARMUP_GAP_S after it has finished.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import heapq
 import itertools
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lego.device_cache import DeviceCache
 from lego.graph import instantiate
@@ -28,6 +33,8 @@ from lego_coordinator.costs import CostModel
 
 DEVICE_BYTES = 80 * 10**9
 UNKNOWN_MODEL_BYTES = 10**9
+WARMUP_GAP_S = 10.0  # idle time between the end of the warm-up and the first measured arrival
+WARMUP_SLO_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,6 @@ class Simulator:
         slo_factor: float = 2.0,
         device_bytes: int = DEVICE_BYTES,
         overhead_s: float = 0.0,
-        warm: bool = True,
     ) -> None:
         self.workflows = workflows
         self.profiles = profiles
@@ -128,26 +134,21 @@ class Simulator:
         costs = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
         self.scheduler = core.Scheduler(costs, policy, enforce_slo=True, slo_factor=slo_factor)
         self.workers = {f"gpu{i}": _SimWorker(f"gpu{i}", DeviceCache(device_bytes)) for i in range(gpus)}
-        self.warm = warm
         self._events: list[tuple[float, int, _Submit | _Done]] = []
         self._seq = itertools.count()
         self._dispatched: dict[str, core.Dispatch] = {}
 
     def _start_workers(self, arrivals: list[Arrival]) -> None:
-        """With `warm`, as after a warm-up: every model the trace's requests use is resident on every
-        worker where memory allows (LRU otherwise)."""
+        """Every worker's host-memory pool holds the models of the workflows it may serve, as after
+        the workers' start-up prefetch; their devices hold nothing."""
         models: set[str] = set()
         for name in {a.workflow for a in arrivals}:
             example = next(a for a in arrivals if a.workflow == name)
             spec = self.workflows[name]
-            models |= {
-                n.model for n in instantiate(spec, resolve_inputs(spec, example.inputs)).nodes.values()
-            }
+            graph = self.scheduler.as_placed(name, instantiate(spec, resolve_inputs(spec, example.inputs)))
+            models |= {node.model for node in graph.nodes.values()}
         for worker in self.workers.values():
-            if self.warm:
-                for model in sorted(models):
-                    self._load_s(worker, model)
-                worker.loads = 0
+            worker.host_models |= models
             self.scheduler.add_worker(worker.worker_id, host="h0", loaded=worker.cache.resident())
 
     # ---- the model of a worker ----
@@ -198,11 +199,27 @@ class Simulator:
     def _push(self, time_s: float, event: _Submit | _Done) -> None:
         heapq.heappush(self._events, (time_s, next(self._seq), event))
 
-    def run(self, arrivals: list[Arrival]) -> SimulationResult:
+    def run(self, arrivals: list[Arrival], warmup: list[Arrival] | tuple[()] = ()) -> SimulationResult:
+        """Outcomes of `arrivals` (times from the start of the measurement), after `warmup` has run
+        to its end. Warm-up requests get a long SLO: they are there to load models, not to be
+        dropped before they have."""
+        self._start_workers([*warmup, *arrivals])
         outcomes: dict[str, Outcome] = {}
-        self._start_workers(arrivals)
+        for index, arrival in enumerate(warmup):
+            self._push(arrival.time_s, _Submit(f"w{index}", replace(arrival, slo_s=WARMUP_SLO_S)))
+        start = self._run_events(outcomes) + WARMUP_GAP_S if warmup else 0.0
+        gpu_seconds, loads = self._gpu_seconds_and_loads()
         for index, arrival in enumerate(arrivals):
-            self._push(arrival.time_s, _Submit(f"r{index}", arrival))
+            self._push(start + arrival.time_s, _Submit(f"r{index}", arrival))
+        end = self._run_events(outcomes)
+        measured = {rid: o for rid, o in outcomes.items() if rid.startswith("r")}
+        for outcome in measured.values():
+            outcome.arrival -= start
+        gpu_seconds_after, loads_after = self._gpu_seconds_and_loads()
+        return SimulationResult(measured, gpu_seconds_after - gpu_seconds, loads_after - loads, end - start)
+
+    def _run_events(self, outcomes: dict[str, Outcome]) -> float:
+        """Process events until none is left; the time of the last one."""
         now = 0.0
         while self._events:
             now, _, event = heapq.heappop(self._events)
@@ -223,9 +240,10 @@ class Simulator:
             for preload in decisions.preloads:
                 self._preload(preload, now)
             self._record(events, outcomes, now)
-        gpu_seconds = sum(w.busy_s for w in self.workers.values())
-        loads = sum(w.loads for w in self.workers.values())
-        return SimulationResult(outcomes, gpu_seconds, loads, now)
+        return now
+
+    def _gpu_seconds_and_loads(self) -> tuple[float, int]:
+        return sum(w.busy_s for w in self.workers.values()), sum(w.loads for w in self.workers.values())
 
     def _admit(self, request_id: str, arrival: Arrival, now: float) -> Outcome:
         spec = self.workflows[arrival.workflow]
