@@ -8,6 +8,7 @@ tensor between hosts costs its size over a bandwidth.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ class CostModel:
     learned: dict[tuple[str, str, str, int], float] = field(default_factory=dict)
     overhead_s: float = INITIAL_OVERHEAD_S  # learned: a batch's turnaround minus its execution
     time_scale: float = 1.0  # emulated workers K times faster than the profiled GPUs: priors / K
+    # The profiles never change: their answers are memoised (the simulator asks millions of times).
+    _profiled: dict[tuple[str, str, str, int, int], float | None] = field(default_factory=dict, repr=False)
+    _limits: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     def _profile_name(self, model: str) -> str | None:
         try:
@@ -47,15 +51,23 @@ class CostModel:
         key = (node.op, node.model, node.mode, batch)
         if key in self.learned:
             return self.learned[key]
-        name = self._profile_name(node.model)
-        mode = PROFILE_MODES.get((node.op, node.mode))
-        if self.profiles is not None and name is not None and mode is not None:
-            try:
-                return self.profiles.get(name).execution_s(mode, batch, _pixels(node)) / self.time_scale
-            except KeyError:
-                pass
+        profiled = self._profiled_s(node, batch)
+        if profiled is not None:
+            return profiled
         single = self.learned.get((node.op, node.model, node.mode, 1))
         return (single if single is not None else UNKNOWN_EXEC_S) * (1 + 0.1 * (batch - 1))
+
+    def _profiled_s(self, node: TaskNode, batch: int) -> float | None:
+        key = (node.op, node.model, node.mode, batch, _pixels(node))
+        if key not in self._profiled:
+            name = self._profile_name(node.model)
+            mode = PROFILE_MODES.get((node.op, node.mode))
+            seconds = None
+            if self.profiles is not None and name is not None and mode is not None:
+                with contextlib.suppress(KeyError):
+                    seconds = self.profiles.get(name).execution_s(mode, batch, key[4]) / self.time_scale
+            self._profiled[key] = seconds
+        return self._profiled[key]
 
     def observe(self, node: TaskNode, batch: int, seconds: float) -> None:
         key = (node.op, node.model, node.mode, batch)
@@ -76,11 +88,14 @@ class CostModel:
 
     def batch_limits(self, node: TaskNode) -> tuple[int, int]:
         """(latency-mode, throughput-mode) batch size for this node's model."""
-        name = self._profile_name(node.model) or ""
-        if name in self.batch_sizes or "+" not in name:
-            return self.batch_sizes.get(name, DEFAULT_BATCH)
-        limits = [self.batch_sizes.get(part, DEFAULT_BATCH) for part in name.split("+")]  # a stack
-        return min(latency for latency, _ in limits), min(throughput for _, throughput in limits)
+        if node.model not in self._limits:
+            name = self._profile_name(node.model) or ""
+            if name in self.batch_sizes or "+" not in name:
+                self._limits[node.model] = self.batch_sizes.get(name, DEFAULT_BATCH)
+            else:  # a stack: the smallest of its members'
+                limits = [self.batch_sizes.get(part, DEFAULT_BATCH) for part in name.split("+")]
+                self._limits[node.model] = (min(lat for lat, _ in limits), min(thr for _, thr in limits))
+        return self._limits[node.model]
 
     @staticmethod
     def transfer_s(nbytes: int, same_host: bool) -> float:

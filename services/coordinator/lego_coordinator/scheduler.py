@@ -491,30 +491,28 @@ class Scheduler:
         return self._requests[entry[0]].graph.nodes[entry[1]]
 
     def _form_batches(self, queue: list[tuple[str, str]], idle: int) -> list[list[tuple[str, str]]]:
-        by_key: Counter[tuple[object, ...]] = Counter(_batch_key(self._node(e)) for e in queue)
-        taken: set[tuple[str, str]] = set()
+        """Batches in queue order: each untaken entry leads one with the next entries of its batch
+        key, up to the latency-mode size, or the throughput-mode one when the key's ready work
+        needs more workers than are idle. Within a key the taken entries are always a prefix of its
+        entries in queue order, so one cursor per key finds the members."""
+        groups: dict[tuple[object, ...], list[tuple[str, str]]] = defaultdict(list)
+        for entry in queue:
+            groups[_batch_key(self._node(entry))].append(entry)
+        cursors: Counter[tuple[object, ...]] = Counter()
         batches = []
         for entry in queue:
-            if entry in taken:
-                continue
             node = self._node(entry)
+            key = _batch_key(node)
+            group, start = groups[key], cursors[key]
+            if start >= len(group) or group[start] != entry:
+                continue  # already a member of an earlier batch
             if _stateful(node):
                 limit = 1
             else:
                 latency, throughput = self.costs.batch_limits(node)
-                limit = throughput if by_key[_batch_key(node)] > latency * max(1, idle) else latency
-            members = [entry]
-            for other in queue:
-                if len(members) >= limit:
-                    break
-                if (
-                    other not in taken
-                    and other != entry
-                    and _batch_key(self._node(other)) == _batch_key(node)
-                ):
-                    members.append(other)
-            taken.update(members)
-            batches.append(members)
+                limit = throughput if len(group) > latency * max(1, idle) else latency
+            batches.append(group[start : start + limit])
+            cursors[key] = start + limit
         return batches
 
     def _split_for_parallelism(
@@ -710,7 +708,10 @@ class Scheduler:
         outputs: dict[str, dict[str, Tensor]],
         now: float,
         execution_s: float | None = None,
+        loading_s: float = 0.0,
     ) -> list[Event]:
+        """A batch finished at `now`: its outputs, its measured execution and the model loads its
+        worker did meanwhile (neither is control-plane overhead)."""
         dispatch = self._in_flight.pop(batch_id, None)
         if dispatch is None:
             return []  # a stale report (the worker was removed meanwhile): never applied twice
@@ -720,7 +721,8 @@ class Scheduler:
             if not worker.in_flight:
                 worker.busy_until = now
             if execution_s is not None:  # what the batch cost beyond its execution, as seen from here
-                self.costs.observe_overhead(now - max(dispatch.sent_at, worker.last_done_at) - execution_s)
+                turnaround = now - max(dispatch.sent_at, worker.last_done_at)
+                self.costs.observe_overhead(turnaround - execution_s - loading_s)
             worker.last_done_at = now
         if execution_s is not None:
             self.costs.observe(dispatch.tasks[0].node, len(dispatch.tasks), execution_s)

@@ -407,7 +407,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             events = self.scheduler.fail_batch(result.batch_id, result.error)
         else:
             outputs = {r.task_id: {n: _tensor(h) for n, h in r.outputs.items()} for r in result.results}
-            events = self.scheduler.complete(result.batch_id, outputs, now, result.execution_s)
+            loading_s = sum(e.seconds for e in result.model_events if e.kind in ("prefetch", "load"))
+            events = self.scheduler.complete(result.batch_id, outputs, now, result.execution_s, loading_s)
         self._publish(events)
         self.pump()
         dead = [  # inline scalars (with their data) are held by no data engine

@@ -55,6 +55,7 @@ class _Submit:
 class _Done:
     batch_id: str
     execution_s: float
+    loading_s: float
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Simulator:
         worker.busy_s += load + execution
         self.scheduler.set_loaded(worker.worker_id, worker.cache.resident())
         self._dispatched[dispatch.batch_id] = dispatch
-        self._push(worker.free_at, _Done(dispatch.batch_id, execution))
+        self._push(worker.free_at, _Done(dispatch.batch_id, execution, load))
 
     def _preload(self, preload: core.Preload, now: float) -> None:
         worker = self.workers[preload.worker_id]
@@ -232,7 +233,9 @@ class Simulator:
                     t.task_id: {o: core.Tensor(f"{t.task_id}/{o}", 0, "h0") for o in t.node.outputs}
                     for t in dispatch.tasks
                 }
-                events += self.scheduler.complete(event.batch_id, outputs, now, event.execution_s)
+                events += self.scheduler.complete(
+                    event.batch_id, outputs, now, event.execution_s, event.loading_s
+                )
             decisions = self.scheduler.schedule(now)
             events += decisions.events
             for dispatch in decisions.dispatches:
