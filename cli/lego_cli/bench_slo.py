@@ -140,9 +140,13 @@ async def replay(
     """Every run of the series on one fresh cluster with `policy` (one cluster per policy)."""
     cluster = EmbeddedCluster(
         workers=args.workers,
-        worker=WorkerConfig(backend="emulated", time_scale=args.time_scale),
+        worker=WorkerConfig(backend="emulated", time_scale=args.time_scale, profile_dir=args.profile),
         coordinator_config=CoordinatorConfig(
-            policy=policy, enforce_slo=True, slo_factor=args.slo_factor, time_scale=args.time_scale
+            policy=policy,
+            enforce_slo=True,
+            slo_factor=args.slo_factor,
+            time_scale=args.time_scale,
+            profile_dir=args.profile,
         ),
     )
     results = []
@@ -157,7 +161,7 @@ async def replay(
                 requests = [r for r in requests if r.time_s <= args.duration]
             tenants = [a.workflow for a in arrivals_of(requests, chosen, args)]
             arrivals = [(r.time_s, tenant) for r, tenant in zip(requests, tenants, strict=True)]
-            warmup = arrivals[: len(warmup_of(requests, args.warmup))]
+            warmup = warmup_of(arrivals, sorted(chosen.workflows), args.warmup)
             await _replay_run(client, names, chosen, warmup, unbounded, args.time_scale)
             answered = await _replay_run(client, names, chosen, arrivals, slo_s, args.time_scale)
             lags = sorted(lag for _, lag in answered)

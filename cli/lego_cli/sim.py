@@ -49,9 +49,15 @@ def add_workload_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rs", default="", help="request-rate multiples of a single trace, e.g. 0.5,1,2")
     parser.add_argument(
-        "--warmup", type=float, default=30.0, help="seconds of each run's arrivals replayed first"
+        "--warmup",
+        type=float,
+        default=30.0,
+        help="seconds of each run's arrivals replayed first (then one request of each workflow not in them)",
     )
     parser.add_argument("--slo-factor", type=float, default=2.0)
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="profiles (default profiles/h800; see lego profile)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="SLO attainment vs RS (or GPUs) per policy")
 
@@ -103,7 +109,9 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
     if not gpu_counts or gpu_counts[0] < 1:
         raise SystemExit(f"error: --gpus must be ≥ 1, got {args.gpus!r}")
     chosen, runs_of_trace = load_workload(args)
-    directory = default_profile_dir()
+    directory = args.profile or default_profile_dir()
+    if not any(directory.glob("*.json")):
+        raise SystemExit(f"error: --profile {directory} holds no profiles (*.json)")
     profiles, batch_sizes = ProfileSet(directory), load_batch_sizes(directory)
     standalone = standalone_latencies(chosen.workflows, chosen.inputs, profiles)
     started = time.perf_counter()
@@ -112,7 +120,10 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
         for gpus in gpu_counts:
             for scale, requests in runs_of_trace:
                 arrivals = arrivals_of(requests, chosen, args)
-                warmup = arrivals[: len(warmup_of(requests, args.warmup))]
+                plan = warmup_of(
+                    [(a.time_s, a.workflow) for a in arrivals], sorted(chosen.workflows), args.warmup
+                )
+                warmup = [Arrival(at, tenant, chosen.inputs[tenant]) for at, tenant in plan]
                 simulator = Simulator(chosen.workflows, gpus, profiles, policy, batch_sizes, args.slo_factor)
                 summary = simulator.run(arrivals, warmup).summary()
                 duration = max(requests[-1].time_s, 1e-9) if requests else 1.0

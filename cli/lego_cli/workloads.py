@@ -149,6 +149,12 @@ def series(trace: str, rs: str) -> list[tuple[float, list[TraceRequest]]]:
     return [(factor, rescale(requests, factor)) for factor in factors]
 
 
-def warmup_of(requests: list[TraceRequest], seconds: float) -> list[TraceRequest]:
-    """The first `seconds` of a run's own arrivals: replayed before it, not counted."""
-    return [r for r in requests if r.time_s <= seconds]
+def warmup_of(
+    arrivals: list[tuple[float, str]], tenants: list[str], seconds: float
+) -> list[tuple[float, str]]:
+    """The warm-up replayed before a run, not counted: its arrivals (time, tenant) in the first
+    `seconds`, then one request of every tenant not among them, so that each workflow has run once
+    (its models loaded where the policy puts them) before the measurement, whatever the policy."""
+    window = [(at, tenant) for at, tenant in arrivals if at <= seconds]
+    seen = {tenant for _, tenant in window}
+    return window + [(seconds, tenant) for tenant in tenants if tenant not in seen]

@@ -135,6 +135,10 @@ class ModelProfile:
         up to the next profiled one (beyond the largest: whole multiples of it)."""
         points = self.modes.get(mode)
         if not points:
+    def workspace_bytes(self) -> int:
+        """What a call needs beyond the resident weights (its peak activations)."""
+        return self.peak_bytes() - self.memory_bytes
+
             raise KeyError(f"profile {self.name} has no mode {mode!r} (modes: {sorted(self.modes)})")
         resolution = min({p.pixels for p in points}, key=lambda px: abs(px - pixels))
         by_batch = sorted((p for p in points if p.pixels == resolution), key=lambda p: p.batch_size)

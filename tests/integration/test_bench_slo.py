@@ -20,7 +20,7 @@ def test_a_short_trace_replays_on_time_and_reports_slo_figures(
     argv = ["bench", "slo", "--trace", str(trace), "--family", "sd15", "--workers", "2", "--policy", "lego"]
     assert main([*argv, "--time-scale", "2", "--warmup", "1", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
-    assert figures["requests"] == 6 and figures["warmup_requests"] == 2
+    assert figures["requests"] == 6 and figures["warmup_requests"] == 3  # A, B in the first second; C
     assert figures["completed"] + figures["rejected"] + figures["dropped"] == 6, figures
     assert figures["completed"] >= 4 and figures["slo_attainment"] >= 0.5, figures
     assert figures["prefetched"] == 2 * 6  # sd15: encoder, UNet, VAE, scheduler, two ControlNets

@@ -40,3 +40,14 @@ def test_used_bytes_and_order() -> None:
     cache.evict("a")
     assert cache.used_bytes == 20
     assert cache.resident() == ["b"]
+
+
+def test_activation_room_is_reserved_once_for_the_largest_workspace() -> None:
+    # weights add up; one call runs at a time, so only the largest workspace is kept free
+    cache = DeviceCache(budget_bytes=100)
+    cache.admit("transformer", 40, workspace=10)
+    cache.admit("vae", 5, workspace=30)
+    assert cache.used_bytes == 40 + 5 + 30
+    assert cache.plan_load("encoder", 20, workspace=5) == []  # 65 of weights + 30 of room
+    assert cache.plan_load("controlnet", 30, workspace=5) == ["transformer"]  # 75 + 30 would not fit
+    assert cache.plan_load("big", 30, workspace=40) == ["transformer"]  # 35 + 40: its room replaces the vae's

@@ -154,20 +154,22 @@ class Simulator:
 
     # ---- the model of a worker ----
 
-    def _footprint(self, model: str) -> int:
+    def _footprint(self, model: str) -> tuple[int, int]:
+        """(weights, workspace) bytes on the device, as the emulated backend counts them."""
         try:
-            return self.profiles.get(profile_name(model)).peak_bytes()
+            profile = self.profiles.get(profile_name(model))
         except KeyError:
-            return UNKNOWN_MODEL_BYTES
+            return UNKNOWN_MODEL_BYTES, 0
+        return profile.memory_bytes, profile.workspace_bytes()
 
     def _load_s(self, worker: _SimWorker, model: str) -> float:
         """Make `model` resident; the seconds that takes (0 when it already is)."""
         if model in worker.cache:
             worker.cache.touch(model)
             return 0.0
-        for victim in worker.cache.plan_load(model, self._footprint(model)):
+        for victim in worker.cache.plan_load(model, *self._footprint(model)):
             worker.cache.evict(victim)
-        worker.cache.admit(model, self._footprint(model))
+        worker.cache.admit(model, *self._footprint(model))
         worker.loads += 1
         seconds = self.truth.load_s(model)
         if model not in worker.host_models:

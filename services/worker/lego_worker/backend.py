@@ -19,7 +19,11 @@ class Backend(Protocol):
         ...
 
     def footprint(self, model_id: str) -> int:
-        """Device bytes the model needs while it runs (weights + peak activations where known)."""
+        """Device bytes of the model's weights while it is resident."""
+        ...
+
+    def workspace(self, model_id: str) -> int:
+        """Device bytes a call needs beyond the weights (peak activations; 0 when not known)."""
         ...
 
     def load(self, model_id: str) -> float:

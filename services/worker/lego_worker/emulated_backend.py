@@ -127,7 +127,12 @@ class EmulatedBackend:
     def footprint(self, model_id: str) -> int:
         if model_id.startswith(BUILTIN):
             return 0
-        return self.profiles.for_model(model_id).peak_bytes()
+        return self.profiles.for_model(model_id).memory_bytes
+
+    def workspace(self, model_id: str) -> int:
+        if model_id.startswith(BUILTIN):
+            return 0
+        return self.profiles.for_model(model_id).workspace_bytes()
 
     def load(self, model_id: str) -> float:
         self.prefetch(model_id)

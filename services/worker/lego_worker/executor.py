@@ -53,14 +53,14 @@ class Executor:
         fetched = self.backend.prefetch(model_id)
         if fetched:
             self._events.append(ModelEvent(model_id, "prefetch", fetched))
-        size = self.backend.footprint(model_id)
-        for victim in self.cache.plan_load(model_id, size):
+        size, workspace = self.backend.footprint(model_id), self.backend.workspace(model_id)
+        for victim in self.cache.plan_load(model_id, size, workspace):
             self.backend.unload(victim)
             self.cache.evict(victim)
             self.metrics.evictions += 1
             self._events.append(ModelEvent(victim, "evict", 0.0))
         seconds = self.backend.load(model_id)
-        self.cache.admit(model_id, size)
+        self.cache.admit(model_id, size, workspace)
         self.metrics.peak_memory_bytes = max(self.metrics.peak_memory_bytes, self.cache.used_bytes)
         self.metrics.loads += 1
         self.metrics.load_s += seconds

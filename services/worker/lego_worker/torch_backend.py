@@ -41,6 +41,9 @@ class TorchBackend:
         self._host[model_id] = self._loader.load(model_id)
         return time.perf_counter() - started
 
+    def workspace(self, model_id: str) -> int:
+        return 0  # not measured here; `lego profile` measures it
+
     def footprint(self, model_id: str) -> int:
         self.prefetch(model_id)
         return sum(
