@@ -24,7 +24,7 @@ from lego_gateway.auth import check_bind, load_api_keys
 from lego_worker.__main__ import add_backend_flags
 from lego_worker.agent import WorkerConfig
 
-from lego_cli import chaos, scaling, sim, workflows_cli
+from lego_cli import chaos, profile, scaling, sim, workflows_cli
 from lego_cli.cluster import EmbeddedCluster, ProcessCluster
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     workflows_cli.configure(commands.add_parser("workflows", help="list, compile or register workflows"))
     sim.configure(commands.add_parser("sim", help="simulate a trace on N profiled GPUs under a policy"))
+    profile.configure(
+        commands.add_parser("profile", help="measure models on this machine into a profile dir")
+    )
     chaos.configure(
         commands.add_parser("chaos", help="a process cluster under load with random faults; JSON outcomes")
     )
@@ -346,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             return scaling.run(args)
         if args.command == "sim":
             return sim.run(args)
+        if args.command == "profile":
+            return profile.run(args)
         if args.command == "chaos":
             return chaos.run(args)
         if args.command == "bench":

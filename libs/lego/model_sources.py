@@ -13,6 +13,11 @@ from dataclasses import dataclass
 MODEL_ROOTS_ENV = "LEGO_MODEL_ROOTS"
 
 
+# Sources built inside the worker (seeded presets, bundled configs, committed weights): always allowed.
+BUNDLED_PREFIXES = ("tiny-", "realsize-")
+BUNDLED_SOURCES = ("builtin", "lego-shapes")
+
+
 @dataclass(frozen=True)
 class SourcePolicy:
     roots: tuple[str, ...] = ()
@@ -28,7 +33,7 @@ class SourcePolicy:
     def refusal(self, source: str) -> str | None:
         """Why `source` (a model id's source, or a LoRA path) may not be loaded; None when it may."""
         base = source.partition("#")[0]
-        if not self.roots or base.startswith("tiny-") or base == "builtin":
+        if not self.roots or base.startswith(BUNDLED_PREFIXES) or base in BUNDLED_SOURCES:
             return None
         resolved = os.path.realpath(base)
         for root in self.roots:

@@ -107,6 +107,11 @@ SOURCE_FAMILIES = {
     "tiny-flux-dev": "flux-dev",
     "tiny-sd3": "sd3-medium",
     "tiny-flux-schnell": "flux-schnell",
+    "realsize-sd15": "sd15",
+    "realsize-sdxl": "sdxl",
+    "realsize-sd3": "sd3-medium",
+    "realsize-flux-dev": "flux-dev",
+    "realsize-flux-schnell": "flux-schnell",
 }
 
 
@@ -130,15 +135,15 @@ class ModelProfile:
         peaks = [p.peak_bytes for points in self.modes.values() for p in points]
         return max([self.memory_bytes, *peaks])
 
+    def workspace_bytes(self) -> int:
+        """What a call needs beyond the resident weights (its peak activations)."""
+        return self.peak_bytes() - self.memory_bytes
+
     def execution_s(self, mode: str, batch_size: int, pixels: int = 0) -> float:
         """Seconds for one call: the profiled resolution closest to `pixels`, the batch size rounded
         up to the next profiled one (beyond the largest: whole multiples of it)."""
         points = self.modes.get(mode)
         if not points:
-    def workspace_bytes(self) -> int:
-        """What a call needs beyond the resident weights (its peak activations)."""
-        return self.peak_bytes() - self.memory_bytes
-
             raise KeyError(f"profile {self.name} has no mode {mode!r} (modes: {sorted(self.modes)})")
         resolution = min({p.pixels for p in points}, key=lambda px: abs(px - pixels))
         by_batch = sorted((p for p in points if p.pixels == resolution), key=lambda p: p.batch_size)

@@ -31,7 +31,8 @@ def test_roots_allow_presets_their_directories_and_listed_hub_ids(tmp_path: Path
     (models / "sd15").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
     policy = SourcePolicy((str(models), "acme/", "org/exact"))
-    for allowed in ("tiny-sd15", "tiny-sd15#copy", "builtin", str(models / "sd15"), "acme/sd", "org/exact"):
+    bundled = ("tiny-sd15", "tiny-sd15#copy", "builtin", "lego-shapes", "realsize-sdxl")
+    for allowed in (*bundled, str(models / "sd15"), "acme/sd", "org/exact"):
         assert policy.refusal(allowed) is None, allowed
     escapes = [
         str(models / ".." / "elsewhere"),

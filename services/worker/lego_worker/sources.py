@@ -188,6 +188,10 @@ class SourceLoader:
             if found is None:
                 raise ValueError(f"preset {source} has no component {component!r}")
             return found
+        if source.startswith("realsize-"):  # published architectures, random weights
+            from lego_worker import realsize
+
+            return realsize.load(source, component)
         if source.startswith("tiny-"):
             raise ValueError(f"unknown preset {source!r} (known: {sorted(PRESET_BUILDERS)})")
         return _load_pretrained(source, component)

@@ -41,6 +41,11 @@ class TorchBackend:
         self._host[model_id] = self._loader.load(model_id)
         return time.perf_counter() - started
 
+    def host_model(self, model_id: str) -> Any:
+        """The model in the host pool (prefetched first): for tools that measure it."""
+        self.prefetch(model_id)
+        return self._host[model_id]
+
     def workspace(self, model_id: str) -> int:
         return 0  # not measured here; `lego profile` measures it
 
