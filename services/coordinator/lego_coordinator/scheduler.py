@@ -575,29 +575,10 @@ class Scheduler:
             worker = min(
                 candidates, key=lambda w: (self._cost(w, nodes, [e[0] for e in batch], now), w.index)
             )
-            if self._holder_frees_sooner(batch, worker, now):
-                continue
             self._dispatch(batch, worker, now, decisions)
             if len(worker.in_flight) >= self.max_in_flight:
                 available.remove(worker)
         self._preload_hot_models(decisions)
-
-    def _holder_frees_sooner(self, batch: list[tuple[str, str]], chosen: _Worker, now: float) -> bool:
-        """Whether a batch whose cheapest free worker would have to load its model should rather wait
-        for a full worker that holds it and frees sooner than the load takes. A replica is added for
-        a model's queue (`_preload_hot_models`), not for one batch: loading for each batch that finds
-        the holders momentarily full thrashed devices shared by many models (342 loads for 89
-        requests of the four-family mix at RS 0.25 in simulation)."""
-        model = self._node(batch[0]).model
-        if model in chosen.loaded or model in chosen.preloading:
-            return False
-        holders = [
-            w
-            for w in self._active()
-            if model in w.loaded and len(w.in_flight) >= self.max_in_flight and not w.draining
-        ]
-        load = self.costs.load_s(model)
-        return any(max(0.0, w.busy_until - now) < load for w in self._safe_for_deferred(batch, holders))
 
     def _users(self, model: str) -> int:
         """Unfinished requests whose graph uses `model`: the most replicas that can work at once."""
