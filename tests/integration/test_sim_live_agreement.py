@@ -29,7 +29,7 @@ def test_sim_and_live_cluster_agree_on_a_short_trace(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     live = _figures(
-        ["bench", "slo", *COMMON, "--workers", "4", "--time-scale", "2"], tmp_path / "live.json", capsys
+        ["bench", "slo", *COMMON, "--workers", "4", "--time-scale", "1"], tmp_path / "live.json", capsys
     )
     simulation = _figures(["sim", *COMMON, "--gpus", "4"], tmp_path / "sim.json", capsys)
     for tenant, name in (("A", "flux-schnell-txt2img"), ("B", "flux-schnell-canny")):

@@ -4,7 +4,7 @@ import pytest
 from lego.allocator import ArenaFull
 from lego.v1 import common_pb2, dataengine_pb2
 from lego_dataengine.parts import PartStreams
-from lego_dataengine.tensor_store import TensorStore
+from lego_dataengine.tensor_store import FreedBeforeArrival, TensorStore
 
 
 def handle(tensor_id: str, nbytes: int = 100) -> common_pb2.TensorHandle:
@@ -74,6 +74,21 @@ async def test_wait_for_returns_when_the_tensor_is_committed() -> None:
     store.reserve(handle("r/a/out"))
     store.commit("r/a/out")
     assert (await waiter).handle.tensor_id == "r/a/out"
+
+
+async def test_a_wait_ends_when_its_request_is_freed_and_later_waits_fail_at_once() -> None:
+    # a consumer waiting for a dropped request's producer must not hold its worker for the timeout
+    store = TensorStore(1024)
+    waiting = asyncio.create_task(store.wait_for("r1/producer/out", timeout_s=60))
+    await asyncio.sleep(0)
+    store.free([], request_id="r1")
+    with pytest.raises(FreedBeforeArrival, match="r1/producer/out will not arrive"):
+        await asyncio.wait_for(waiting, timeout=1)
+    with pytest.raises(FreedBeforeArrival):
+        await asyncio.wait_for(store.wait_for("r1/other/out", timeout_s=60), timeout=1)
+    store.reserve(handle("r1/again/out"))  # the same request id writing again: waits wait again
+    with pytest.raises(TimeoutError):
+        await store.wait_for("r1/later/out", timeout_s=0.01)
 
 
 async def test_parts_arrive_in_order_as_they_are_published() -> None:

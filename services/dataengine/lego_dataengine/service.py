@@ -18,7 +18,7 @@ from lego.v1 import common_pb2, dataengine_pb2, dataengine_pb2_grpc
 
 from lego_dataengine.arena import Arena
 from lego_dataengine.parts import PartStreams
-from lego_dataengine.tensor_store import Entry, TensorStore
+from lego_dataengine.tensor_store import Entry, FreedBeforeArrival, TensorStore
 
 log = structlog.get_logger("lego.dataengine")
 LAZY_WAIT_S = 60.0
@@ -179,6 +179,8 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
             return await self.store.wait_for(handle.tensor_id, LAZY_WAIT_S)
         except TimeoutError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"tensor {handle.tensor_id} did not arrive")
+        except FreedBeforeArrival as error:
+            await context.abort(grpc.StatusCode.ABORTED, str(error))
         raise AssertionError("unreachable: abort raises")
 
     def _allocate(self, request: dataengine_pb2.AllocateRequest) -> dataengine_pb2.Placement:

@@ -10,6 +10,7 @@ tensor freed while the engine streams it out (pinned) keeps its block until the 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from lego.allocator import ArenaAllocator
@@ -26,6 +27,13 @@ class Entry:
     replicas: set[str] = field(default_factory=set)  # data engines that pulled a copy
 
 
+FREED_REQUESTS_KEPT = 4096  # requests remembered as freed, so a late wait for their tensors fails at once
+
+
+class FreedBeforeArrival(LookupError):
+    """A waited-for tensor's request was freed (dropped, failed, cancelled): it will never arrive."""
+
+
 def request_of(tensor_id: str) -> str:
     return tensor_id.split("/", 1)[0]
 
@@ -37,6 +45,7 @@ class TensorStore:
         self._tensors: dict[str, Entry] = {}
         self._by_request: dict[str, set[str]] = {}
         self._arrivals: dict[str, asyncio.Event] = {}
+        self._freed_requests: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -52,6 +61,7 @@ class TensorStore:
         if handle.nbytes < 0 or consumers < 0:
             raise ValueError(f"tensor {handle.tensor_id}: nbytes and consumers must be ≥ 0")
         entry = Entry(handle, self.allocator.allocate(handle.nbytes), consumers)
+        self._freed_requests.pop(request_of(handle.tensor_id), None)  # the request is writing again
         self._pending[handle.tensor_id] = entry
         self._by_request.setdefault(request_of(handle.tensor_id), set()).add(handle.tensor_id)
         return entry
@@ -97,13 +107,18 @@ class TensorStore:
         return self._tensors.get(tensor_id)
 
     async def wait_for(self, tensor_id: str, timeout_s: float) -> Entry:
-        """The committed tensor, waiting for it (lazy arrival); TimeoutError after `timeout_s`."""
+        """The committed tensor, waiting for it (lazy arrival); TimeoutError after `timeout_s`,
+        FreedBeforeArrival when its request is freed first (a consumer must not wait for a
+        producer whose request was dropped: it held its worker for the whole timeout)."""
         entry = self._tensors.get(tensor_id)
         if entry is not None:
             return entry
-        arrival = self._arrivals.setdefault(tensor_id, asyncio.Event())
-        async with asyncio.timeout(timeout_s):
-            await arrival.wait()
+        if request_of(tensor_id) not in self._freed_requests:
+            arrival = self._arrivals.setdefault(tensor_id, asyncio.Event())
+            async with asyncio.timeout(timeout_s):
+                await arrival.wait()
+        if tensor_id not in self._tensors:
+            raise FreedBeforeArrival(f"tensor {tensor_id} will not arrive: its request was freed")
         return self._tensors[tensor_id]
 
     def release(self, tensor_ids: list[str]) -> list[Entry]:
@@ -121,6 +136,12 @@ class TensorStore:
     def free(self, tensor_ids: list[str], request_id: str = "") -> list[Entry]:
         """Drop tensors (and every tensor of `request_id`); returns the committed ones freed."""
         doomed = set(tensor_ids) | (self._by_request.get(request_id, set()) if request_id else set())
+        if request_id:
+            self._freed_requests[request_id] = None
+            while len(self._freed_requests) > FREED_REQUESTS_KEPT:
+                self._freed_requests.popitem(last=False)
+            for waited in [t for t in self._arrivals if request_of(t) == request_id]:
+                self._arrivals.pop(waited).set()  # the waiter finds no tensor: FreedBeforeArrival
         freed = []
         for tensor_id in doomed:
             pending = self._pending.get(tensor_id)
