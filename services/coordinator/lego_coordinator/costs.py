@@ -9,7 +9,7 @@ tensor between hosts costs its size over a bandwidth.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from lego.graph import Ref, RequestGraph, TaskNode
@@ -103,8 +103,23 @@ class CostModel:
 
     def standalone_s(self, graph: RequestGraph, with_overhead: bool = True) -> float:
         """The request alone on one idle device: ready nodes with the same batch key run as one
-        batch (as a pipeline would batch its CFG branches), everything else one after another.
-        Without overhead: its execution alone, a floor no schedule can beat."""
+        batch (as a pipeline would batch its CFG branches), everything else one after another."""
+        return self._alone_s(graph, self.exec_s, self.overhead_s if with_overhead else 0.0)
+
+    def floor_s(self, graph: RequestGraph) -> float:
+        """Its execution alone by the profiles (what was learned only where none is known): a floor
+        no schedule beats. Not the learned times: measured on a busy machine they overrun, and a
+        client's SLO above the true floor must not be refused as impossible."""
+
+        def profiled(node: TaskNode, batch: int = 1) -> float:
+            seconds = self._profiled_s(node, batch)
+            return seconds if seconds is not None else self.exec_s(node, batch)
+
+        return self._alone_s(graph, profiled, 0.0)
+
+    def _alone_s(
+        self, graph: RequestGraph, exec_s: Callable[[TaskNode, int], float], overhead_s: float
+    ) -> float:
         remaining = {node_id: 0 for node_id in graph.nodes}
         for node in graph.nodes.values():
             remaining[node.id] = len({v.node for v in node.inputs.values() if isinstance(v, Ref)})
@@ -117,7 +132,7 @@ class CostModel:
         while ready:
             first = graph.nodes[ready[0]]
             batch = [ready[0]] + [n for n in ready[1:] if _same_batch(graph.nodes[n], first)]
-            total += self.exec_s(first, len(batch)) + (self.overhead_s if with_overhead else 0.0)
+            total += exec_s(first, len(batch)) + overhead_s
             ready = [n for n in ready if n not in batch]
             for done in batch:
                 for successor in successors[done]:

@@ -387,7 +387,7 @@ class Scheduler:
         slo = slo_s if slo_s else self.slo_factor * standalone
         deadline = now + slo if (self.enforce_slo or slo_s) else math.inf
         estimate = standalone
-        floor = self.costs.standalone_s(graph, with_overhead=False)
+        floor = self.costs.floor_s(graph)
         if slo_s and slo_s < floor:  # not even its execution fits, whatever the load: the client's error
             reason = f"slo_ms must be at least its execution time on an idle worker, {floor * 1000:.1f} ms"
             return Admission(False, reason, deadline, standalone, standalone, unmeetable=True)
