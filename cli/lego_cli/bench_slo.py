@@ -101,8 +101,9 @@ async def _one(
     slo_s: float,
     at: float,
     scale: float,
-) -> tuple[Outcome, float]:
-    """Send at wall time `at`; the outcome in emulated time, and how late the send was."""
+) -> tuple[Outcome, float, str]:
+    """Send at wall time `at`; the outcome in emulated time, how late the send was and, if it
+    failed, the gateway's message."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     sent = time.perf_counter()
     outcome = Outcome(workflow, (sent - at) * scale, slo_s * scale)
@@ -114,7 +115,8 @@ async def _one(
             grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
             grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
         }.get(error.code, error.code.name.lower())
-    return outcome, sent - at
+        return outcome, sent - at, error.message
+    return outcome, sent - at, ""
 
 
 async def _replay_run(
@@ -124,7 +126,7 @@ async def _replay_run(
     arrivals: list[tuple[float, str]],
     slo_s: dict[str, float],
     scale: float,
-) -> list[tuple[Outcome, float]]:
+) -> list[tuple[Outcome, float, str]]:
     """One open-loop replay of (arrival time, tenant) pairs, starting half a second from now."""
     start = time.perf_counter() + 0.5
     sends = [
@@ -164,12 +166,17 @@ async def replay(
             warmup = warmup_of(arrivals, sorted(chosen.workflows), args.warmup)
             await _replay_run(client, names, chosen, warmup, unbounded, args.time_scale)
             answered = await _replay_run(client, names, chosen, arrivals, slo_s, args.time_scale)
-            lags = sorted(lag for _, lag in answered)
+            lags = sorted(lag for _, lag, _ in answered)
+            first_messages: dict[str, str] = {}
+            for outcome, _, message in answered:
+                if outcome.failure:
+                    first_messages.setdefault(outcome.failure, message)
             results.append(
                 {"policy": policy, "rs": scale}
-                | summarize([outcome for outcome, _ in answered])
+                | summarize([outcome for outcome, _, _ in answered])
                 | {
-                    "failures": dict(Counter(o.failure for o, _ in answered if o.failure)),
+                    "failures": dict(Counter(o.failure for o, _, _ in answered if o.failure)),
+                    "first_failure_messages": first_messages,
                     "standalone_s": {names[t]: round(s * args.time_scale, 4) for t, s in standalone.items()},
                     "warmup_requests": len(warmup),
                     "prefetched": prefetched,

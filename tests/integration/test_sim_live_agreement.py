@@ -38,5 +38,6 @@ def test_sim_and_live_cluster_agree_on_a_short_trace(
         assert live["standalone_s"][name] <= simulation["standalone_s"][tenant] * 1.5
     [simulated] = simulation["runs"]
     assert live["requests"] == simulated["requests"] > 40
-    assert abs(live["slo_attainment"] - simulated["slo_attainment"]) <= 0.2, (live["failures"], simulated)
+    failures = (live["failures"], live["first_failure_messages"], simulated)
+    assert abs(live["slo_attainment"] - simulated["slo_attainment"]) <= 0.2, failures
     assert simulated["p50_s"] * 0.9 <= live["p50_s"] <= simulated["p50_s"] * 1.6, (live["runs"], simulated)

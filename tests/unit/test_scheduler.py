@@ -206,6 +206,28 @@ def test_admission_rejects_what_cannot_meet_its_slo_and_names_the_estimate() -> 
     assert admitted == 1  # with one worker, a second request's wait leaves no headroom in its SLO
 
 
+def test_a_few_batches_caught_in_a_host_stall_do_not_move_the_learned_costs() -> None:
+    model = costs()
+    node = next(n for n in graph().nodes.values() if n.op == "unet")
+    for seconds in (0.05, 0.05, 0.05, 0.05, 2.05, 2.05, 2.05, 2.05, 0.05):
+        model.observe(node, 1, seconds)
+        model.observe_overhead(seconds - 0.05)
+    assert model.exec_s(node) == pytest.approx(0.05) and model.overhead_s == pytest.approx(0.0)
+    for _ in range(5):  # but a lasting change is followed
+        model.observe(node, 1, 0.2)
+    assert model.exec_s(node) == pytest.approx(0.2)
+
+
+def test_overrun_estimates_cannot_refuse_every_request() -> None:
+    scheduler = make(workers=1, enforce_slo=True)
+    slo = 2 * scheduler.costs.standalone_s(graph())
+    for node in graph().nodes.values():
+        scheduler.costs.observe(node, 1, slo)  # every model measured far slower than it is
+    alone = scheduler.admit("alone", "wf", graph(), 0.0, slo_s=slo)
+    assert alone.accepted and alone.estimate_s > slo  # the cluster is idle: it runs, and is measured
+    assert not scheduler.admit("behind-it", "wf", graph(), 0.0, slo_s=slo).accepted
+
+
 def test_a_request_may_bring_its_own_slo() -> None:
     scheduler = make(workers=1, enforce_slo=True)
     tight = scheduler.admit("tight", "wf", graph(), 0.0, slo_s=1e-6)

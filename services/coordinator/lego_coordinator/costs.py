@@ -1,14 +1,18 @@
 """The cost model the scheduler places and admits by (pure: no I/O, no clock).
 
 Execution time per (op, model, mode, batch size) starts from the measured GPU profiles and is then
-learned from what the workers report (an exponential moving average), so the estimates follow the
-real cluster (tiny models on CPUs included). Loads cost the profile's host → device time; moving a
+learned from what the workers report (the median of the last few reports), so the estimates follow
+the real cluster (tiny models on CPUs included) but not a stalled host: a moving average let a few
+batches caught in a two-second stall multiply a model's estimate, and admission then refused every
+request, so nothing ran that could have corrected it. Loads cost the profile's host → device time; moving a
 tensor between hosts costs its size over a bandwidth.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -18,7 +22,7 @@ from lego.profiles import PROFILE_MODES, ProfileSet, profile_name
 UNKNOWN_EXEC_S = 0.01  # a model call with no profile and no measurement yet
 UNKNOWN_LOAD_S = 1.0
 REMOTE_BYTES_PER_S = 1e9  # the data engines' measured loopback pull rate is above this
-LEARNING_RATE = 0.3
+LEARNING_WINDOW = 9  # reports per estimate: up to four outliers among them move nothing
 DEFAULT_BATCH = (4, 8)
 INITIAL_OVERHEAD_S = 0.002  # per batch: dispatch, input fetch, output publish, report
 
@@ -40,6 +44,8 @@ class CostModel:
     # The profiles never change: their answers are memoised (the simulator asks millions of times).
     _profiled: dict[tuple[str, str, str, int, int], float | None] = field(default_factory=dict, repr=False)
     _limits: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _reports: dict[tuple[str, str, str, int], deque[float]] = field(default_factory=dict, repr=False)
+    _overhead_reports: deque[float] = field(default_factory=lambda: deque(maxlen=LEARNING_WINDOW), repr=False)
 
     def _profile_name(self, model: str) -> str | None:
         try:
@@ -71,11 +77,13 @@ class CostModel:
 
     def observe(self, node: TaskNode, batch: int, seconds: float) -> None:
         key = (node.op, node.model, node.mode, batch)
-        previous = self.learned.get(key)
-        self.learned[key] = seconds if previous is None else previous + LEARNING_RATE * (seconds - previous)
+        reports = self._reports.setdefault(key, deque(maxlen=LEARNING_WINDOW))
+        reports.append(seconds)
+        self.learned[key] = statistics.median(reports)
 
     def observe_overhead(self, seconds: float) -> None:
-        self.overhead_s += LEARNING_RATE * (max(0.0, seconds) - self.overhead_s)
+        self._overhead_reports.append(max(0.0, seconds))
+        self.overhead_s = statistics.median(self._overhead_reports)
 
     def load_s(self, model: str) -> float:
         name = self._profile_name(model)

@@ -397,7 +397,10 @@ class Scheduler:
             if not self._active():
                 return Admission(False, "no workers are serving", deadline, math.inf, standalone)
             estimate = self._backlog_s(deadline) + standalone
-            if estimate > ADMISSION_HEADROOM * slo:
+            # Alone on the cluster a request is admitted whatever the estimate says: refusing it
+            # would leave the cost model nothing to learn from, so overrun estimates could refuse
+            # every request from then on.
+            if estimate > ADMISSION_HEADROOM * slo and self.in_flight_requests() > 0:
                 return Admission(
                     False,
                     f"cannot meet its SLO: estimated {estimate:.3f}s of {slo:.3f}s "
