@@ -4,8 +4,8 @@ Execution time per (op, model, mode, batch size) starts from the measured GPU pr
 learned from what the workers report (the median of the last few reports), so the estimates follow
 the real cluster (tiny models on CPUs included) but not a stalled host: a moving average let a few
 batches caught in a two-second stall multiply a model's estimate, and admission then refused every
-request, so nothing ran that could have corrected it. Loads cost the profile's host → device time; moving a
-tensor between hosts costs its size over a bandwidth.
+request, so nothing ran that could have corrected it. Loads cost the profile's host → device time;
+moving a tensor between hosts costs its size over a bandwidth.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from lego.profiles import PROFILE_MODES, ProfileSet, profile_name
 UNKNOWN_EXEC_S = 0.01  # a model call with no profile and no measurement yet
 UNKNOWN_LOAD_S = 1.0
 REMOTE_BYTES_PER_S = 1e9  # the data engines' measured loopback pull rate is above this
-LEARNING_WINDOW = 9  # reports per estimate: up to four outliers among them move nothing
+LEARNING_WINDOW = 9  # reports per execution estimate: up to four outliers among them move nothing
+OVERHEAD_LEARNING_RATE = 0.3
 DEFAULT_BATCH = (4, 8)
 INITIAL_OVERHEAD_S = 0.002  # per batch: dispatch, input fetch, output publish, report
 
@@ -45,7 +46,6 @@ class CostModel:
     _profiled: dict[tuple[str, str, str, int, int], float | None] = field(default_factory=dict, repr=False)
     _limits: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _reports: dict[tuple[str, str, str, int], deque[float]] = field(default_factory=dict, repr=False)
-    _overhead_reports: deque[float] = field(default_factory=lambda: deque(maxlen=LEARNING_WINDOW), repr=False)
 
     def _profile_name(self, model: str) -> str | None:
         try:
@@ -82,8 +82,11 @@ class CostModel:
         self.learned[key] = statistics.median(reports)
 
     def observe_overhead(self, seconds: float) -> None:
-        self._overhead_reports.append(max(0.0, seconds))
-        self.overhead_s = statistics.median(self._overhead_reports)
+        """A moving average, not a median: admission's backlog model assumes work spreads perfectly
+        over the workers, and the average's slow fall from its initial value is slack it needs
+        (with a median, a simulated burst admitted requests it then dropped). A stalled report
+        decays within the next batches, which a request alone on the cluster always gets to run."""
+        self.overhead_s += OVERHEAD_LEARNING_RATE * (max(0.0, seconds) - self.overhead_s)
 
     def load_s(self, model: str) -> float:
         name = self._profile_name(model)
