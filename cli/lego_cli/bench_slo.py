@@ -10,6 +10,13 @@ arrivals, not counted) and then the trace, open loop: each request is sent at it
 (divided by K, as the emulated GPUs run K times faster), whatever the cluster is doing. Latencies
 and GPU-seconds are reported in emulated-GPU time (wall time x K). `--duration S` keeps only the
 first S seconds of each run. The figures have the simulator's keys, so the two can be compared.
+
+`--opt embed-cache` replays every run twice on fresh clusters, without and with the workers' exact
+text-embedding cache, and adds `speedup`: the baseline's median latency over the optimised one's,
+both runs' busy device seconds, the cache's hit rate and the encoder seconds it saved.
+`--prompts zipf:distinct=N,s=S` gives each request its own prompt from a synthetic set with a known
+repetition structure (lego_cli.prompts); without it every request of a tenant sends the same prompt.
+The standalone runs that set the SLOs send prompts of their own, so a cache never shortens them.
 """
 
 from __future__ import annotations
@@ -33,15 +40,21 @@ from lego.values import Scalar
 from lego_coordinator.scheduler import as_placed
 from lego_coordinator.service import CoordinatorConfig
 from lego_coordinator.simulator import Outcome, summarize
-from lego_worker.agent import WorkerConfig
+from lego_worker.agent import WorkerConfig, WorkerService
+from lego_worker.embedding_cache import EmbeddingCacheStats
+from lego_worker.executor import Executor
 
 from lego_cli.cluster import EmbeddedCluster
 from lego_cli.plot import attainment_plot
+from lego_cli.prompts import draw_prompts, parse_prompt_set, repeat_share
 from lego_cli.sim import TARGET, add_workload_flags, arrivals_of, load_workload, policies_of
 from lego_cli.workloads import Workload, warmup_of
 
 UNBOUNDED_SLO_MS = 3_600_000.0  # the standalone runs must not be dropped while their models load
 STANDALONE_RUNS = 2  # the first run of a workflow loads its models; the last is its standalone latency
+OPTIMISATIONS = ("embed-cache",)
+NOT_BUILT = ("approx-cache", "async-lora")  # issue #11's other two: not implemented yet
+DEFAULT_EMBEDDING_CACHE_MB = 256.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +62,41 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--time-scale", type=float, default=10.0, help="emulated GPUs run K times faster")
     parser.add_argument("--duration", type=float, default=0.0, help="replay only the first S seconds")
+    parser.add_argument(
+        "--opt",
+        type=optimisations_of,
+        default=(),
+        help=f"replay each run without and with these optimisations: {', '.join(OPTIMISATIONS)}",
+    )
+    parser.add_argument(
+        "--prompts", type=_prompt_set, default="", help="a prompt per request: zipf:distinct=N,s=S[,seed=K]"
+    )
+    parser.add_argument(
+        "--embedding-cache-mb",
+        type=float,
+        default=DEFAULT_EMBEDDING_CACHE_MB,
+        help=f"the embedding cache's size under --opt embed-cache (default {DEFAULT_EMBEDDING_CACHE_MB:g})",
+    )
+
+
+def optimisations_of(text: str) -> tuple[str, ...]:
+    chosen = tuple(name for name in text.split(",") if name)
+    built = ", ".join(OPTIMISATIONS)
+    for name in chosen:
+        if name in NOT_BUILT:
+            raise argparse.ArgumentTypeError(f"{name} is not implemented yet (built: {built})")
+        if name not in OPTIMISATIONS:
+            raise argparse.ArgumentTypeError(f"unknown optimisation {name!r} (built: {built})")
+    return chosen
+
+
+def _prompt_set(text: str) -> str:
+    try:
+        if text:
+            parse_prompt_set(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 async def _register(cluster: EmbeddedCluster, chosen: Workload) -> dict[str, str]:
@@ -84,12 +132,14 @@ async def _prefetch(cluster: EmbeddedCluster, chosen: Workload, policy: str) -> 
 async def _standalone_s(
     client: AsyncGatewayClient, names: dict[str, str], inputs: dict[str, dict[str, Scalar]]
 ) -> dict[str, float]:
-    """Each workflow alone on the idle cluster, wall seconds (its models loaded by a first run)."""
+    """Each workflow alone on the idle cluster, wall seconds (its models loaded by a first run), with
+    prompts of its own: no cache may answer them."""
     measured = {}
     for tenant, name in names.items():
-        for _ in range(STANDALONE_RUNS):
+        for run in range(STANDALONE_RUNS):
             started = time.perf_counter()
-            await client.generate(name, inputs[tenant], slo_ms=UNBOUNDED_SLO_MS)
+            alone = {**inputs[tenant], "prompt": f"standalone run {run} of {name}"}
+            await client.generate(name, alone, slo_ms=UNBOUNDED_SLO_MS)
             measured[tenant] = time.perf_counter() - started
     return measured
 
@@ -126,23 +176,54 @@ async def _replay_run(
     arrivals: list[tuple[float, str]],
     slo_s: dict[str, float],
     scale: float,
+    prompts: list[str] | None = None,
 ) -> list[tuple[Outcome, float, str]]:
-    """One open-loop replay of (arrival time, tenant) pairs, starting half a second from now."""
+    """One open-loop replay of (arrival time, tenant) pairs, starting half a second from now; with
+    `prompts`, request i sends prompts[i]."""
     start = time.perf_counter() + 0.5
+    inputs = [chosen.inputs[tenant] for _, tenant in arrivals]
+    if prompts is not None:
+        inputs = [{**given, "prompt": text} for given, text in zip(inputs, prompts, strict=True)]
     sends = [
-        _one(client, names[tenant], chosen.inputs[tenant], slo_s[tenant], start + at / scale, scale)
-        for at, tenant in arrivals
+        _one(client, names[tenant], given, slo_s[tenant], start + at / scale, scale)
+        for (at, tenant), given in zip(arrivals, inputs, strict=True)
     ]
     return list(await asyncio.gather(*sends))
 
 
+def _executors(cluster: EmbeddedCluster) -> list[Executor]:
+    return [service.agent.executor for service in cluster.services if isinstance(service, WorkerService)]
+
+
+def _cache_stats(cluster: EmbeddedCluster) -> EmbeddingCacheStats:
+    """The embedding caches of all the cluster's workers, summed."""
+    total = EmbeddingCacheStats()
+    for executor in _executors(cluster):
+        embeddings = executor.embeddings
+        if embeddings is not None:
+            total.hits += embeddings.stats.hits
+            total.misses += embeddings.stats.misses
+            total.saved_s += embeddings.stats.saved_s
+    return total
+
+
 async def replay(
-    args: argparse.Namespace, policy: str, chosen: Workload, runs: list[tuple[float, list[TraceRequest]]]
+    args: argparse.Namespace,
+    policy: str,
+    chosen: Workload,
+    runs: list[tuple[float, list[TraceRequest]]],
+    opts: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    """Every run of the series on one fresh cluster with `policy` (one cluster per policy)."""
+    """Every run of the series on one fresh cluster with `policy` and `opts` (one cluster each)."""
+    cache_bytes = int(args.embedding_cache_mb * 2**20) if "embed-cache" in opts else 0
     cluster = EmbeddedCluster(
         workers=args.workers,
-        worker=WorkerConfig(backend="emulated", time_scale=args.time_scale, profile_dir=args.profile),
+        worker=WorkerConfig(
+            backend="emulated",
+            time_scale=args.time_scale,
+            profile_dir=args.profile,
+            embedding_cache_bytes=cache_bytes,
+        ),
         coordinator_config=CoordinatorConfig(
             policy=policy,
             enforce_slo=True,
@@ -165,14 +246,19 @@ async def replay(
             arrivals = [(r.time_s, tenant) for r, tenant in zip(requests, tenants, strict=True)]
             warmup = warmup_of(arrivals, sorted(chosen.workflows), args.warmup)
             await _replay_run(client, names, chosen, warmup, unbounded, args.time_scale)
-            answered = await _replay_run(client, names, chosen, arrivals, slo_s, args.time_scale)
+            prompts = draw_prompts(args.prompts, len(arrivals)) if args.prompts else None
+            cached, loads = _cache_stats(cluster), sum(e.metrics.loads for e in _executors(cluster))
+            busy_s = sum(e.metrics.busy_s for e in _executors(cluster))
+            answered = await _replay_run(client, names, chosen, arrivals, slo_s, args.time_scale, prompts)
+            cache = _cache_stats(cluster)
+            lookups = cache.hits + cache.misses - cached.hits - cached.misses
             lags = sorted(lag for _, lag, _ in answered)
             first_messages: dict[str, str] = {}
             for outcome, _, message in answered:
                 if outcome.failure:
                     first_messages.setdefault(outcome.failure, message)
             results.append(
-                {"policy": policy, "rs": scale}
+                {"policy": policy, "rs": scale, "opt": "+".join(opts) or "none"}
                 | summarize([outcome for outcome, _, _ in answered])
                 | {
                     "failures": dict(Counter(o.failure for o, _, _ in answered if o.failure)),
@@ -184,6 +270,17 @@ async def replay(
                     if lags
                     else None,
                     "generator_lag_max_ms": round(1000 * lags[-1], 2) if lags else None,
+                    "model_loads": sum(e.metrics.loads for e in _executors(cluster)) - loads,
+                    "gpu_seconds": round(
+                        (sum(e.metrics.busy_s for e in _executors(cluster)) - busy_s) * args.time_scale, 3
+                    ),
+                    "prompt_repeat_share": round(repeat_share(prompts), 4) if prompts else None,
+                    "embedding_cache": {
+                        "hit_rate": round((cache.hits - cached.hits) / lookups, 4) if lookups else None,
+                        "encoder_seconds_saved": round((cache.saved_s - cached.saved_s) * args.time_scale, 3),
+                    }
+                    if cache_bytes
+                    else None,
                 }
             )
             await asyncio.sleep(1.0)  # let the cluster drain between runs
@@ -195,11 +292,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     chosen, runs = load_workload(args)
     results: list[dict[str, Any]] = []
     max_rs: dict[str, float | None] = {}
+    speedups = []
     for policy in policies:
         measured = asyncio.run(replay(args, policy, chosen, runs))
         results += measured
         passing = [r["rs"] for r in measured if (r["slo_attainment"] or 0) >= TARGET]
         max_rs[policy] = max(passing) if passing else None
+        if args.opt:
+            optimised = asyncio.run(replay(args, policy, chosen, runs, args.opt))
+            results += optimised
+            speedups += [_speedup(base, opt) for base, opt in zip(measured, optimised, strict=True)]
     figures = {
         "family": args.family,
         "skew": args.skew,
@@ -207,8 +309,23 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "time_scale": args.time_scale,
         "max_rs_at_90": max_rs,
         "runs": results,
-    }
+    } | ({"speedup": speedups} if args.opt else {})
     return figures | results[0] if len(results) == 1 else figures  # one run: its figures at the top
+
+
+def _speedup(base: dict[str, Any], optimised: dict[str, Any]) -> dict[str, Any]:
+    """One run replayed without and with the optimisations: latency ratio (> 1: faster) and SLOs."""
+    ratio = base["p50_s"] / optimised["p50_s"] if base["p50_s"] and optimised["p50_s"] else None
+    return {
+        "policy": base["policy"],
+        "rs": base["rs"],
+        "opt": optimised["opt"],
+        "p50_speedup": round(ratio, 4) if ratio else None,
+        "gpu_seconds": {"baseline": base["gpu_seconds"], "optimised": optimised["gpu_seconds"]},
+        "slo_attainment": {"baseline": base["slo_attainment"], "optimised": optimised["slo_attainment"]},
+        "embedding_cache": optimised["embedding_cache"],
+        "prompt_repeat_share": optimised["prompt_repeat_share"],
+    }
 
 
 def run(args: argparse.Namespace) -> int:

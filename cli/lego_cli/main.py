@@ -113,6 +113,7 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
         profile_dir=args.profile,
         time_scale=args.time_scale,
         memory_bytes=int(args.memory_gb * 10**9),
+        embedding_cache_bytes=int(args.embedding_cache_mb * 2**20),
     )
 
 
@@ -124,6 +125,8 @@ def _worker_flags(args: argparse.Namespace) -> tuple[str, ...]:
         str(args.time_scale),
         "--memory-gb",
         str(args.memory_gb),
+        "--embedding-cache-mb",
+        str(args.embedding_cache_mb),
     ]
     if args.profile is not None:
         flags += ["--profile", str(args.profile)]

@@ -50,6 +50,18 @@ WORKER_BUSY = Counter("lego_worker_busy_seconds_total", "Seconds spent executing
 MODEL_EVENTS = Counter(
     "lego_model_events_total", "Model prefetches, loads and evictions", ["worker_id", "model", "kind"]
 )
+EMBEDDING_CACHE_HITS = Counter(
+    "lego_embedding_cache_hits_total", "Text-encoder items answered by the embedding cache", ["worker_id"]
+)
+EMBEDDING_CACHE_MISSES = Counter(
+    "lego_embedding_cache_misses_total", "Text-encoder items the embedding cache did not hold", ["worker_id"]
+)
+EMBEDDING_CACHE_SAVED = Counter(
+    "lego_embedding_cache_saved_seconds_total",
+    "Encoder seconds saved by cache hits",
+    ["worker_id"],
+)
+EMBEDDING_CACHE_BYTES = Gauge("lego_embedding_cache_bytes", "Bytes the embedding cache holds", ["worker_id"])
 WORKER_DRAINING = Gauge("lego_worker_draining", "1 while the worker drains before leaving", ["worker_id"])
 
 # data engine

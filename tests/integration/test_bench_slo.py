@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 from lego_cli.main import main
 
+# two at once, then one every 4 s of emulated time (twice the workflows' standalone latency):
+# a light load, met whatever the machine's speed, since the SLOs are measured on it
+LIGHT_TRACE = "A 0.0\nB 0.0\nA 4.0\nC 4.0\nA 4.0\nB 4.0\n"
+
 
 def test_a_short_trace_replays_on_time_and_reports_slo_figures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     trace = tmp_path / "trace.txt"
-    # two at once, then one every 4 s of emulated time (twice the workflows' standalone latency):
-    # a light load, met whatever the machine's speed, since the SLOs are measured on it
-    trace.write_text("A 0.0\nB 0.0\nA 4.0\nC 4.0\nA 4.0\nB 4.0\n")
+    trace.write_text(LIGHT_TRACE)
     out = tmp_path / "slo.json"
     argv = ["bench", "slo", "--trace", str(trace), "--family", "sd15", "--workers", "2", "--policy", "lego"]
     assert main([*argv, "--time-scale", "2", "--warmup", "1", "--json", str(out)]) == 0
@@ -29,3 +31,32 @@ def test_a_short_trace_replays_on_time_and_reports_slo_figures(
     assert all(seconds > 0 for seconds in figures["standalone_s"].values())
     for key in ("slo_attainment", "requests", "rejected", "p50_s", "p99_s", "max_rs_at_90"):
         assert key in figures
+
+
+def test_the_embedding_cache_is_measured_against_a_baseline_in_the_same_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "trace.txt"
+    trace.write_text(LIGHT_TRACE)
+    out = tmp_path / "slo.json"
+    argv = ["bench", "slo", "--trace", str(trace), "--family", "sd15", "--workers", "2", "--time-scale", "2"]
+    options = [
+        "--warmup",
+        "1",
+        "--opt",
+        "embed-cache",
+        "--prompts",
+        "zipf:distinct=2,s=1",
+        "--json",
+        str(out),
+    ]
+    assert main([*argv, *options]) == 0
+    figures = json.loads(out.read_text())
+    assert [run["opt"] for run in figures["runs"]] == ["none", "embed-cache"]
+    assert figures["runs"][0]["embedding_cache"] is None
+    [speedup] = figures["speedup"]
+    assert (
+        speedup["embedding_cache"]["hit_rate"] > 0 and speedup["embedding_cache"]["encoder_seconds_saved"] > 0
+    )
+    assert 0 < speedup["prompt_repeat_share"] < 1 and speedup["p50_speedup"] > 0
+    assert speedup["gpu_seconds"]["baseline"] > 0 and speedup["gpu_seconds"]["optimised"] > 0

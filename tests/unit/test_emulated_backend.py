@@ -1,5 +1,7 @@
 """The emulated backend: profiled time (scaled), profiled memory, correctly shaped placeholders."""
 
+import asyncio
+import threading
 import time
 
 import numpy as np
@@ -121,3 +123,26 @@ async def test_on_the_event_loop_execution_also_takes_the_profiled_time() -> Non
     assert abs(min(measured) - expected) <= 0.1 * expected
     assert outputs[0]["image"].shape == (1, 512, 512, 3)
     assert executor.metrics.batches == 4 and executor.metrics.loads == 1
+
+
+async def test_a_batch_waiting_for_a_model_move_does_not_block_the_event_loop() -> None:
+    moving = threading.Event()
+    done_moving = threading.Event()
+
+    def move(seconds: float) -> None:  # a model move that lasts until the test ends it (or 5 s)
+        if moving.is_set():
+            done_moving.wait(5)
+
+    executor = Executor(EmulatedBackend(PROFILES, sleep=move), memory_budget_bytes=80 * 10**9)
+    executor.load("tiny-sd15:vae")
+    moving.set()
+    loading = asyncio.ensure_future(asyncio.to_thread(executor.load, "tiny-sd15:unet"))
+    await asyncio.sleep(0.05)  # the move now holds the device
+    items = [{"latents": np.zeros((1, 4, 8, 8), np.float32)}]
+    batch = asyncio.ensure_future(executor.run_async("vae", "tiny-sd15:vae", "decode", items))
+    started = time.perf_counter()
+    await asyncio.sleep(0.05)  # the loop still runs: the batch waits for the device off the loop
+    assert time.perf_counter() - started < 1.0 and not batch.done()
+    done_moving.set()
+    await asyncio.gather(loading, batch)
+    assert batch.result()[0]["image"].shape[0] == 1

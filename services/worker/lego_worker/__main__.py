@@ -31,6 +31,7 @@ async def _start(store: ClusterStore, args: argparse.Namespace) -> DrainOnStop:
         time_scale=args.time_scale,
         memory_bytes=int(args.memory_gb * 10**9),
         model_roots=args.model_roots,
+        embedding_cache_bytes=int(args.embedding_cache_mb * 2**20),
     )
     service = await serve(store, args.dataengine, args.host, args.port, config)
     return DrainOnStop(service, args.drain_timeout_s)
@@ -46,6 +47,12 @@ def add_backend_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--memory-gb", type=float, default=0.0, help="device memory budget (default: device size)"
+    )
+    parser.add_argument(
+        "--embedding-cache-mb",
+        type=float,
+        default=0.0,
+        help="exact text-embedding cache shared by all workflows, LRU in this many MiB (default 0: off)",
     )
 
 

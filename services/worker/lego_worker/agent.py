@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from lego.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, worker_pb
 from lego.values import from_value
 
 from lego_worker.backend import Backend
+from lego_worker.embedding_cache import EmbeddingCache, EmbeddingCacheStats
 from lego_worker.emulated_backend import EmulatedBackend
 from lego_worker.executor import Executor
 from lego_worker.torch_backend import TorchBackend
@@ -48,6 +50,7 @@ class WorkerConfig:
     time_scale: float = 1.0
     memory_bytes: int = 0  # device memory budget; 0: 80 GB emulated, 90 % of RAM on the CPU
     model_roots: str | None = None  # lego.model_sources: None reads LEGO_MODEL_ROOTS; "" allows all
+    embedding_cache_bytes: int = 0  # exact text-embedding cache (lego_worker.embedding_cache); 0: off
 
 
 def build_executor(config: WorkerConfig) -> Executor:
@@ -60,7 +63,8 @@ def build_executor(config: WorkerConfig) -> Executor:
         budget = config.memory_bytes or int(psutil.virtual_memory().total * 0.9)
     else:
         raise ValueError(f"backend must be 'torch' or 'emulated', got {config.backend!r}")
-    return Executor(backend, budget)
+    embeddings = EmbeddingCache(config.embedding_cache_bytes) if config.embedding_cache_bytes else None
+    return Executor(backend, budget, embeddings)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -281,7 +285,9 @@ class WorkerAgent:
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
             patches = tuple((p.source, p.scale) for p in batch.patches)
+            cached = self._cache_stats()
             outputs = await self.executor.run_async(batch.op, batch.model, batch.mode, items, patches)
+            self._count_cache(cached)
             result.execution_s = self.executor.last_execution_s
             named = [
                 (task.task_id, name, f"{task.request_id}/{task.node_id}/{name}", produced[name])
@@ -308,6 +314,20 @@ class WorkerAgent:
             metrics.MODEL_EVENTS.labels(worker_id=worker_id, model=event.model, kind=event.kind).inc()
         result.loaded_models.extend(self.executor.cache.resident())
         return result
+
+    def _cache_stats(self) -> EmbeddingCacheStats | None:
+        embeddings = self.executor.embeddings
+        return None if embeddings is None else dataclasses.replace(embeddings.stats)
+
+    def _count_cache(self, before: EmbeddingCacheStats | None) -> None:
+        embeddings = self.executor.embeddings
+        if embeddings is None or before is None:
+            return
+        worker_id, now = self.config.worker_id, embeddings.stats
+        metrics.EMBEDDING_CACHE_HITS.labels(worker_id=worker_id).inc(now.hits - before.hits)
+        metrics.EMBEDDING_CACHE_MISSES.labels(worker_id=worker_id).inc(now.misses - before.misses)
+        metrics.EMBEDDING_CACHE_SAVED.labels(worker_id=worker_id).inc(now.saved_s - before.saved_s)
+        metrics.EMBEDDING_CACHE_BYTES.labels(worker_id=worker_id).set(embeddings.used_bytes)
 
     def _count_batch(self, batch: coordinator_pb2.TaskBatch, execution_s: float) -> None:
         worker_id = self.config.worker_id

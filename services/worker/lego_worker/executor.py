@@ -1,17 +1,21 @@
 """Runs batches on one device: makes the model resident first (LRU eviction under the memory
-budget), pins it while it runs, and keeps the worker's metrics and model events."""
+budget), pins it while it runs, and keeps the worker's metrics and model events. With an embedding
+cache, text-encoder items it holds are answered from it and only the rest run."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from lego.device_cache import DeviceCache
 
 from lego_worker.backend import Backend, Item, Outputs, PatchSet
+from lego_worker.embedding_cache import EmbeddingCache, Key
 from lego_worker.emulated_backend import EmulatedBackend
 
 
@@ -33,10 +37,25 @@ class WorkerMetrics:
     peak_memory_bytes: int = 0
 
 
+@dataclass
+class _Lookup:
+    """A batch's items split by the embedding cache: hits answered, misses still to run."""
+
+    found: list[Outputs | None]
+    keys: list[Key | None]
+
+    @property
+    def misses(self) -> list[int]:
+        return [index for index, outputs in enumerate(self.found) if outputs is None]
+
+
 class Executor:
-    def __init__(self, backend: Backend, memory_budget_bytes: int) -> None:
+    def __init__(
+        self, backend: Backend, memory_budget_bytes: int, embeddings: EmbeddingCache | None = None
+    ) -> None:
         self.backend = backend
         self.cache = DeviceCache(memory_budget_bytes)
+        self.embeddings = embeddings
         self.metrics = WorkerMetrics()
         self._events: list[ModelEvent] = []
         self._lock = threading.Lock()  # one device: one batch or model move at a time
@@ -89,22 +108,47 @@ class Executor:
             self._events.append(ModelEvent(model_id, "evict", 0.0))
             return True
 
+    def _lookup(self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet) -> _Lookup:
+        if self.embeddings is None:
+            return _Lookup([None] * len(items), [None] * len(items))
+        keys = [EmbeddingCache.key(op, model_id, mode, patches, item) for item in items]
+        return _Lookup([None if k is None else self.embeddings.get(k) for k in keys], keys)
+
+    def _answer(self, lookup: _Lookup, computed: list[Outputs]) -> list[Outputs]:
+        """The batch's outputs in item order; what was computed is kept for later hits."""
+        misses = lookup.misses
+        found = list(lookup.found)
+        for index, outputs in zip(misses, computed, strict=True):
+            found[index] = outputs
+            key = lookup.keys[index]
+            if self.embeddings is not None and key is not None:
+                self.embeddings.put(key, outputs, self.last_execution_s / len(misses))
+        return [outputs for outputs in found if outputs is not None]
+
+    def _count(self, items: int) -> None:
+        self.metrics.busy_s += self.last_execution_s
+        self.metrics.batches += 1
+        self.metrics.batch_sizes[items] += 1
+
     def run(
         self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet = ()
     ) -> list[Outputs]:
         with self._lock:
+            lookup = self._lookup(op, model_id, mode, items, patches)
+            misses = [items[index] for index in lookup.misses]
+            self.last_execution_s = 0.0
+            if not misses:  # every item was a hit: the model is not even needed
+                return self._answer(lookup, [])
             self._ensure_loaded(model_id)
             self.cache.pin(model_id)
             started = time.perf_counter()
             try:
-                outputs = self.backend.run(op, model_id, mode, items, patches)
+                outputs = self.backend.run(op, model_id, mode, misses, patches)
             finally:
                 self.cache.unpin(model_id)
             self.last_execution_s = time.perf_counter() - started
-            self.metrics.busy_s += self.last_execution_s
-            self.metrics.batches += 1
-            self.metrics.batch_sizes[len(items)] += 1
-            return outputs
+            self._count(len(misses))
+            return self._answer(lookup, outputs)
 
     async def run_async(
         self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet = ()
@@ -113,23 +157,43 @@ class Executor:
         the loop itself (a thread hop per batch would cost more than many emulated calls take)."""
         if not isinstance(self.backend, EmulatedBackend):
             return await asyncio.to_thread(self.run, op, model_id, mode, items, patches)
+        lookup = self._lookup(op, model_id, mode, items, patches)
+        misses = [items[index] for index in lookup.misses]
+        self.last_execution_s = 0.0
+        if not misses:
+            return self._answer(lookup, [])
         if model_id not in self.cache:
             await asyncio.to_thread(self.load, model_id)
-        with self._lock:
+        async with self._device():
             self.cache.touch(model_id)
             self.cache.pin(model_id)
         try:
-            seconds, outputs = self.backend.plan(op, model_id, mode, items)
+            seconds, outputs = self.backend.plan(op, model_id, mode, misses)
             started = time.perf_counter()
             await asyncio.sleep(seconds)
             self.last_execution_s = time.perf_counter() - started
         finally:
-            with self._lock:
+            async with self._device():
                 self.cache.unpin(model_id)
-        self.metrics.busy_s += self.last_execution_s
-        self.metrics.batches += 1
-        self.metrics.batch_sizes[len(items)] += 1
-        return outputs
+        self._count(len(misses))
+        return self._answer(lookup, outputs)
+
+    @contextlib.asynccontextmanager
+    async def _device(self) -> AsyncIterator[None]:
+        """The device lock, from the event loop: taken at once when free, else awaited on a thread.
+        A model move holds it for seconds, and blocking the loop meanwhile stalls everything on
+        it (the embedded cluster's every service), so emulated batches overran their profiles."""
+        if not self._lock.acquire(blocking=False):
+            acquiring = asyncio.ensure_future(asyncio.to_thread(self._lock.acquire))
+            try:
+                await asyncio.shield(acquiring)
+            except asyncio.CancelledError:
+                acquiring.add_done_callback(lambda _: self._lock.release())
+                raise
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def release(self, request_id: str) -> None:
         self.backend.release(request_id)
