@@ -3,13 +3,17 @@ fixture and `lego chaos` use it). `stop()` then `start()` keeps the data dir: an
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 START_TIMEOUT_S = 20.0
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+FIRST_START_ATTEMPTS = 3  # a port picked free can be taken by another process before etcd binds it
 
 
 def free_port() -> int:
@@ -31,6 +35,7 @@ class EtcdProcess:
         self.peer_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / "etcd.log"
+        self._served = False  # once it has, its URL is known to clients: a restart keeps the ports
 
     @property
     def url(self) -> str:
@@ -61,21 +66,39 @@ class EtcdProcess:
         ]
 
     def start(self) -> None:
+        for _ in range(1 if self._served else FIRST_START_ATTEMPTS):
+            logged = self.log.stat().st_size if self.log.exists() else 0
+            if self._launch():
+                self._served = True
+                return
+            if self._served or b"address already in use" not in self.log.read_bytes()[logged:]:
+                break
+            self.client_port, self.peer_port = free_port(), free_port()
+        raise RuntimeError(f"etcd did not start; see {self.log}")
+
+    def _launch(self) -> bool:
         command = self.command()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=log)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.05)
+            if self.process.poll() is not None:
+                break
+            if self._healthy():
+                return True
+            time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"etcd did not start; see {self.log}")
+        return False
+
+    def _healthy(self) -> bool:
+        """etcd's own /health answers: a mere TCP connect could reach whatever else holds the port."""
+        url = f"http://127.0.0.1:{self.client_port}/health"
+        try:
+            with _DIRECT.open(url, timeout=0.5) as reply:
+                return bool(json.loads(reply.read()).get("health") == "true")
+        except (OSError, ValueError):
+            return False
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
 import pytest
 from lego.errors import StoreUnavailable
@@ -92,3 +94,17 @@ async def test_unreachable_etcd_is_a_clear_error() -> None:
     port = free_port()
     with pytest.raises(StoreUnavailable, match=f"cannot reach etcd at 127.0.0.1:{port}"):
         await EtcdStore.connect("127.0.0.1", port, timeout_s=1.0)
+
+
+def test_etcd_starts_on_other_ports_when_a_picked_one_was_taken_meanwhile(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = EtcdProcess(tmp_path / "etcd-data")
+        server.client_port = taken.getsockname()[1]  # as if another process had bound it first
+        server.start()
+        try:
+            assert server.client_port != taken.getsockname()[1]
+            assert b"address already in use" in server.log.read_bytes()
+        finally:
+            server.stop()
