@@ -27,6 +27,7 @@ import json
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -42,7 +43,6 @@ from lego_coordinator.service import CoordinatorConfig
 from lego_coordinator.simulator import Outcome, summarize
 from lego_worker.agent import WorkerConfig, WorkerService
 from lego_worker.embedding_cache import EmbeddingCacheStats
-from lego_worker.executor import Executor
 
 from lego_cli.cluster import EmbeddedCluster
 from lego_cli.plot import attainment_plot
@@ -191,20 +191,38 @@ async def _replay_run(
     return list(await asyncio.gather(*sends))
 
 
-def _executors(cluster: EmbeddedCluster) -> list[Executor]:
-    return [service.agent.executor for service in cluster.services if isinstance(service, WorkerService)]
+@dataclass(frozen=True)
+class _Counters:
+    """What the cluster's workers have counted so far: subtract two to get a run's figures."""
 
+    loads: int
+    busy_s: float
+    cache: EmbeddingCacheStats
 
-def _cache_stats(cluster: EmbeddedCluster) -> EmbeddingCacheStats:
-    """The embedding caches of all the cluster's workers, summed."""
-    total = EmbeddingCacheStats()
-    for executor in _executors(cluster):
-        embeddings = executor.embeddings
-        if embeddings is not None:
-            total.hits += embeddings.stats.hits
-            total.misses += embeddings.stats.misses
-            total.saved_s += embeddings.stats.saved_s
-    return total
+    @staticmethod
+    def of(cluster: EmbeddedCluster) -> _Counters:
+        executors = [s.agent.executor for s in cluster.services if isinstance(s, WorkerService)]
+        cache = EmbeddingCacheStats()
+        for embeddings in (e.embeddings for e in executors if e.embeddings is not None):
+            cache.hits += embeddings.stats.hits
+            cache.misses += embeddings.stats.misses
+            cache.saved_s += embeddings.stats.saved_s
+        return _Counters(
+            sum(e.metrics.loads for e in executors), sum(e.metrics.busy_s for e in executors), cache
+        )
+
+    def since(self, before: _Counters, time_scale: float, cached: bool) -> dict[str, Any]:
+        """The run's loads, busy device seconds and embedding-cache figures, in emulated time."""
+        hits, misses = self.cache.hits - before.cache.hits, self.cache.misses - before.cache.misses
+        cache = {
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+            "encoder_seconds_saved": round((self.cache.saved_s - before.cache.saved_s) * time_scale, 3),
+        }
+        return {
+            "model_loads": self.loads - before.loads,
+            "gpu_seconds": round((self.busy_s - before.busy_s) * time_scale, 3),
+            "embedding_cache": cache if cached else None,
+        }
 
 
 async def replay(
@@ -247,11 +265,9 @@ async def replay(
             warmup = warmup_of(arrivals, sorted(chosen.workflows), args.warmup)
             await _replay_run(client, names, chosen, warmup, unbounded, args.time_scale)
             prompts = draw_prompts(args.prompts, len(arrivals)) if args.prompts else None
-            cached, loads = _cache_stats(cluster), sum(e.metrics.loads for e in _executors(cluster))
-            busy_s = sum(e.metrics.busy_s for e in _executors(cluster))
+            before = _Counters.of(cluster)
             answered = await _replay_run(client, names, chosen, arrivals, slo_s, args.time_scale, prompts)
-            cache = _cache_stats(cluster)
-            lookups = cache.hits + cache.misses - cached.hits - cached.misses
+            counted = _Counters.of(cluster).since(before, args.time_scale, cached=cache_bytes > 0)
             lags = sorted(lag for _, lag, _ in answered)
             first_messages: dict[str, str] = {}
             for outcome, _, message in answered:
@@ -270,18 +286,9 @@ async def replay(
                     if lags
                     else None,
                     "generator_lag_max_ms": round(1000 * lags[-1], 2) if lags else None,
-                    "model_loads": sum(e.metrics.loads for e in _executors(cluster)) - loads,
-                    "gpu_seconds": round(
-                        (sum(e.metrics.busy_s for e in _executors(cluster)) - busy_s) * args.time_scale, 3
-                    ),
                     "prompt_repeat_share": round(repeat_share(prompts), 4) if prompts else None,
-                    "embedding_cache": {
-                        "hit_rate": round((cache.hits - cached.hits) / lookups, 4) if lookups else None,
-                        "encoder_seconds_saved": round((cache.saved_s - cached.saved_s) * args.time_scale, 3),
-                    }
-                    if cache_bytes
-                    else None,
                 }
+                | counted
             )
             await asyncio.sleep(1.0)  # let the cluster drain between runs
     return results
