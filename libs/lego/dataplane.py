@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -20,6 +21,16 @@ from lego.v1 import common_pb2, dataengine_pb2, dataengine_pb2_grpc
 CHUNK_BYTES = 1024 * 1024
 # Tensors up to this size travel inside the publish step that allocates them: one round trip, not two.
 INLINE_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class StreamPart:
+    """One part of a stream of partial outputs, as a reader receives it."""
+
+    index: int
+    array: np.ndarray
+    total: int  # parts the stream will hold, as its producer said (0: not said)
+    last: bool
 
 
 def chunks(
@@ -237,8 +248,11 @@ class DataPlane:
         reply = await self._stub.Release(dataengine_pb2.ReleaseTensorsRequest(tensor_ids=tensor_ids))
         return int(reply.freed)
 
-    async def publish_part(self, stream_id: str, index: int, array: np.ndarray, last: bool = False) -> None:
-        """Publish part `index` of a stream of partial outputs while the producer still runs."""
+    async def publish_part(
+        self, stream_id: str, index: int, array: np.ndarray, last: bool = False, total: int = 0
+    ) -> None:
+        """Publish part `index` of a stream of partial outputs while the producer still runs
+        (`total`: how many parts the stream will hold, when known)."""
         header = tensors.make_handle(stream_id, array)
         part = dataengine_pb2.TensorPart(
             stream_id=stream_id,
@@ -247,10 +261,11 @@ class DataPlane:
             shape=header.shape,
             data=tensors.to_bytes(array),
             last=last,
+            total=total,
         )
         await self._stub.PublishPart(part)
 
-    async def read_parts(self, stream_id: str, start: int = 0) -> AsyncIterator[np.ndarray]:
+    async def read_parts(self, stream_id: str, start: int = 0) -> AsyncIterator[StreamPart]:
         """The stream's parts from `start`, each as soon as it is published, until the last one."""
         async for part in self._stub.ReadParts(
             dataengine_pb2.ReadPartsRequest(stream_id=stream_id, start=start)
@@ -258,4 +273,4 @@ class DataPlane:
             header = common_pb2.TensorHandle(
                 tensor_id=stream_id, dtype=part.dtype, shape=part.shape, nbytes=len(part.data)
             )
-            yield tensors.from_bytes(header, part.data)
+            yield StreamPart(part.index, tensors.from_bytes(header, part.data), part.total, part.last)

@@ -127,7 +127,7 @@ async def test_partial_outputs_reach_a_reader_while_the_producer_runs(
 
     async def read() -> None:
         async for part in consumer.read_parts("r/controlnet/residuals"):
-            received.append(part)
+            received.append(part.array)
 
     reader = asyncio.create_task(read())
     await producer.publish_part("r/controlnet/residuals", 0, np.zeros((2, 2), np.float32))

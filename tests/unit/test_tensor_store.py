@@ -111,4 +111,7 @@ async def test_parts_arrive_in_order_as_they_are_published() -> None:
     assert [p.index async for p in streams.read("r/a/out", 1, 5)] == [1]  # a late reader starts anywhere
     with pytest.raises(ValueError, match="finished"):
         await streams.publish(dataengine_pb2.TensorPart(stream_id="r/a/out", index=2))
+    # a producer re-run after a failure publishes its parts again: the ones held are kept
+    await streams.publish(dataengine_pb2.TensorPart(stream_id="r/a/out", index=0, data=b"again"))
+    assert [p.data async for p in streams.read("r/a/out", 0, 5)] == [b"", b""]
     assert streams.free([], request_id="r") == 1 and len(streams) == 0

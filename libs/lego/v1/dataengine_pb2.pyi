@@ -365,6 +365,7 @@ class TensorPart(_message.Message):
     SHAPE_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
     stream_id: _builtins.str
     """"<request>/<node>/<output>" """
     index: _builtins.int
@@ -372,6 +373,8 @@ class TensorPart(_message.Message):
     dtype: _builtins.str
     data: _builtins.bytes
     last: _builtins.bool
+    total: _builtins.int
+    """parts the stream will hold, when the producer knows (0: not said)"""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -383,10 +386,11 @@ class TensorPart(_message.Message):
         shape: _abc.Iterable[_builtins.int] | None = ...,
         data: _builtins.bytes = ...,
         last: _builtins.bool = ...,
+        total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "index", b"index", "last", b"last", "shape", b"shape", "stream_id", b"stream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dtype", b"dtype", "index", b"index", "last", b"last", "shape", b"shape", "stream_id", b"stream_id", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,8 +38,12 @@ class PartStreams:
         return sum(stream.nbytes for stream in self._streams.values())
 
     async def publish(self, part: dataengine_pb2.TensorPart) -> None:
-        """Append a part; parts must come in order (index = parts so far) and none after the last."""
+        """Append a part; parts must come in order (index = parts so far) and none after the last.
+        A part the stream already holds is ignored: a producer re-run after a failure publishes
+        its (deterministic) parts again, and readers already have them."""
         stream = self._streams.setdefault(part.stream_id, PartStream())
+        if part.index < len(stream.parts):
+            return
         if stream.finished:
             raise ValueError(f"stream {part.stream_id} is finished; part {part.index} refused")
         if part.index != len(stream.parts):
