@@ -50,6 +50,11 @@ WORKER_BUSY = Counter("lego_worker_busy_seconds_total", "Seconds spent executing
 MODEL_EVENTS = Counter(
     "lego_model_events_total", "Model prefetches, loads and evictions", ["worker_id", "model", "kind"]
 )
+PARTIAL_OUTPUTS = Counter(
+    "lego_worker_partial_outputs_total",
+    "Parts of streamed outputs published while their call ran, or consumed before their producer ended",
+    ["worker_id", "direction"],
+)
 EMBEDDING_CACHE_HITS = Counter(
     "lego_embedding_cache_hits_total", "Text-encoder items answered by the embedding cache", ["worker_id"]
 )

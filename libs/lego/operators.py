@@ -38,6 +38,10 @@ class ModeSignature:
     stateful: bool = False  # keeps per-request state on the worker that ran the first call
     types: Mapping[str, str] = field(default_factory=dict)  # port name → type (inputs and outputs)
     deferred: tuple[str, ...] = ()  # inputs a call may start without (lazy: awaited inside the call)
+    # outputs stacked on dim 1 whose parts are published one by one while the call runs (a
+    # ControlNet's block samples), and deferred inputs a call consumes part by part as they arrive
+    streamed: tuple[str, ...] = ()
+    parts: tuple[str, ...] = ()
 
 
 _SCHEDULER_OUT = ("latents", "model_input", "timestep")
@@ -93,10 +97,12 @@ def _mode(
     stateful: bool = False,
     overrides: Mapping[str, str] | None = None,
     deferred: tuple[str, ...] = (),
+    streamed: tuple[str, ...] = (),
+    parts: tuple[str, ...] = (),
 ) -> ModeSignature:
     types = {name: _COMMON_TYPES[name] for name in (*inputs, *outputs) if name in _COMMON_TYPES}
     types.update(overrides or {})
-    return ModeSignature(inputs, outputs, stateful, types, deferred)
+    return ModeSignature(inputs, outputs, stateful, types, deferred, streamed, parts)
 
 
 _DENOISE_IN = ("sample", "timestep", "encoder_hidden_states")
@@ -130,7 +136,10 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
         # SD3 / 3.5: CFG branches like the UNets, pooled embeddings as pooled projections
         "denoise_sd3": _mode((*_DENOISE_IN, "pooled_embeds"), ("noise_pred",)),
         "denoise_sd3_controlled": _mode(
-            (*_DENOISE_IN, "pooled_embeds", "block_samples"), ("noise_pred",), deferred=("block_samples",)
+            (*_DENOISE_IN, "pooled_embeds", "block_samples"),
+            ("noise_pred",),
+            deferred=("block_samples",),
+            parts=("block_samples",),
         ),
         "denoise_flux": _mode(
             (*_DENOISE_IN, "pooled_embeds", "guidance_scale", "height", "width"), ("noise_pred",)
@@ -147,6 +156,7 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
             ),
             ("noise_pred",),
             deferred=("block_samples", "single_block_samples"),
+            parts=("block_samples", "single_block_samples"),
         ),
     },
     "controlnet": {
@@ -165,6 +175,7 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
                 "conditioning_scale",
             ),
             ("block_samples", "single_block_samples"),
+            streamed=("block_samples", "single_block_samples"),
         ),
         "residuals_pooled": _mode(  # SDXL
             (*_DENOISE_IN, "pooled_embeds", "control_image", "conditioning_scale"),
@@ -183,6 +194,7 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
                 "conditioning_scale",
             ),
             ("block_samples",),
+            streamed=("block_samples",),
         ),
     },
     "noise_scheduler": {

@@ -32,6 +32,11 @@ def inline_handle(tensor_id: str, array: np.ndarray) -> common_pb2.TensorHandle:
     return handle
 
 
+def is_pending(handle: common_pb2.TensorHandle) -> bool:
+    """A handle the coordinator gave for a tensor still being produced: its id only."""
+    return not handle.dtype and not handle.data and not handle.locations
+
+
 def to_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).tobytes()
 

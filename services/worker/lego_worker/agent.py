@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import psutil
 import structlog
-from lego import dataplane, keys, metrics, tensors
+from lego import dataplane, keys, metrics, operators, tensors
 from lego.device_cache import CacheFull
 from lego.grpc_server import RunningServer, channel, start_server
 from lego.model_sources import SourcePolicy
@@ -32,6 +32,7 @@ from lego_worker.backend import Backend
 from lego_worker.embedding_cache import EmbeddingCache, EmbeddingCacheStats
 from lego_worker.emulated_backend import EmulatedBackend
 from lego_worker.executor import Executor
+from lego_worker.parts import ArrivingParts, PartPublisher, receive
 from lego_worker.torch_backend import TorchBackend
 
 log = structlog.get_logger("lego.worker")
@@ -253,9 +254,13 @@ class WorkerAgent:
             result = await self._run_batch(batch)
             await self._write(call, coordinator_pb2.WorkerMessage(result=result))
 
-    async def _inputs(self, task: coordinator_pb2.Task) -> dict[str, Any]:
-        """A task's inputs: values, inline scalars and tensors the mapped arena holds at once; the
-        rest (not mapped yet, not arrived, on another host) awaited together."""
+    async def _inputs(
+        self, task: coordinator_pb2.Task, part_inputs: tuple[str, ...], receiving: list[asyncio.Task[None]]
+    ) -> dict[str, Any]:
+        """A task's inputs: values, inline scalars and tensors the mapped arena holds at once; a
+        deferred input in `part_inputs` still being produced as parts arriving during the call (its
+        receiver added to `receiving`); the rest (not mapped yet, not arrived, on another host)
+        awaited together."""
         ready: dict[str, Any] = {}
         waiting = []
         for name, value in task.inputs.items():
@@ -263,12 +268,32 @@ class WorkerAgent:
                 ready[name] = from_value(value)
             elif (array := self.data.local(value.tensor)) is not None:
                 ready[name] = array
+            elif name in part_inputs and tensors.is_pending(value.tensor):
+                ready[name] = ArrivingParts(value.tensor.tensor_id)
+                receiving.append(asyncio.create_task(receive(self.data, value.tensor, ready[name])))
             else:
                 waiting.append(name)
         if waiting:
             arrays = await asyncio.gather(*(self.data.get(task.inputs[name].tensor) for name in waiting))
             ready.update(zip(waiting, arrays, strict=True))
         return {name: ready[name] for name in task.inputs}
+
+    def _part_inputs(self, batch: coordinator_pb2.TaskBatch) -> tuple[str, ...]:
+        if not self.executor.backend.streams_parts:
+            return ()
+        return operators.signature(batch.op, batch.mode).parts
+
+    def _part_publisher(self, batch: coordinator_pb2.TaskBatch) -> PartPublisher | None:
+        """For a batch whose mode streams outputs on a backend that does: where its parts go."""
+        if not self.executor.backend.streams_parts:
+            return None
+        streamed = operators.signature(batch.op, batch.mode).streamed
+        if not streamed:
+            return None
+        return PartPublisher(
+            self.data,
+            [{name: f"{task.request_id}/{task.node_id}/{name}" for name in streamed} for task in batch.tasks],
+        )
 
     async def _run_batch(self, batch: coordinator_pb2.TaskBatch) -> coordinator_pb2.BatchResult:
         result = coordinator_pb2.BatchResult(batch_id=batch.batch_id)
@@ -278,15 +303,21 @@ class WorkerAgent:
         if len(request_ids) == 1:
             bound["request_id"] = request_ids[0]
         structlog.contextvars.bind_contextvars(**bound)
+        receiving: list[asyncio.Task[None]] = []
+        publisher: PartPublisher | None = None
+        items: list[dict[str, Any]] = []
         try:
-            items = []
+            part_inputs = self._part_inputs(batch)
             for task in batch.tasks:
-                item = await self._inputs(task)
+                item = await self._inputs(task, part_inputs, receiving)
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
             patches = tuple((p.source, p.scale) for p in batch.patches)
             cached = self._cache_stats()
-            outputs = await self.executor.run_async(batch.op, batch.model, batch.mode, items, patches)
+            publisher = self._part_publisher(batch)
+            outputs = await self.executor.run_async(
+                batch.op, batch.model, batch.mode, items, patches, publisher
+            )
             self._count_cache(cached)
             result.execution_s = self.executor.last_execution_s
             named = [
@@ -307,6 +338,7 @@ class WorkerAgent:
             del result.results[:]
             result.error = f"{type(error).__name__}: {error}"
         finally:
+            await self._finish_parts(publisher, receiving, items)
             structlog.contextvars.unbind_contextvars(*bound)
         worker_id = self.config.worker_id
         for event in self.executor.drain_events():
@@ -314,6 +346,23 @@ class WorkerAgent:
             metrics.MODEL_EVENTS.labels(worker_id=worker_id, model=event.model, kind=event.kind).inc()
         result.loaded_models.extend(self.executor.cache.resident())
         return result
+
+    async def _finish_parts(
+        self,
+        publisher: PartPublisher | None,
+        receiving: list[asyncio.Task[None]],
+        items: list[dict[str, Any]],
+    ) -> None:
+        """After a batch: its last parts sent, its part receivers stopped, both counted."""
+        counter = metrics.PARTIAL_OUTPUTS
+        worker_id = self.config.worker_id
+        if publisher is not None:
+            await publisher.close()
+            counter.labels(worker_id=worker_id, direction="published").inc(publisher.published)
+        for receiver in receiving:
+            await cancel_task(receiver)
+        used = sum(v.parts_used for item in items for v in item.values() if isinstance(v, ArrivingParts))
+        counter.labels(worker_id=worker_id, direction="consumed").inc(used)
 
     def _cache_stats(self) -> EmbeddingCacheStats | None:
         embeddings = self.executor.embeddings

@@ -11,8 +11,23 @@ Outputs = dict[str, np.ndarray]
 PatchSet = tuple[tuple[str, float], ...]  # (LoRA source, scale), in application order
 
 
+class PartSink(Protocol):
+    """Where a call hands the parts of its streamed outputs while it runs (lego_worker.parts)."""
+
+    def announce(self, item: int, output: str, total: int) -> None:
+        """Item `item`'s output `output` will come as `total` parts (said before the first)."""
+        ...
+
+    def part(self, item: int, output: str, index: int, part: np.ndarray) -> None:
+        """Part `index` of item `item`'s output `output`: its slice [:, index]."""
+        ...
+
+
 class Backend(Protocol):
     name: str
+    # whether streamed outputs (operators' `streamed`) are handed to a part sink while a call runs,
+    # and deferred inputs are consumed part by part as they arrive
+    streams_parts: bool
 
     def prefetch(self, model_id: str) -> float:
         """Disk → host memory; returns seconds spent (0 when already there)."""
@@ -36,7 +51,15 @@ class Backend(Protocol):
 
     def host_models(self) -> list[str]: ...
 
-    def run(self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet) -> list[Outputs]:
+    def run(
+        self,
+        op: str,
+        model_id: str,
+        mode: str,
+        items: list[Item],
+        patches: PatchSet,
+        parts: PartSink | None = None,
+    ) -> list[Outputs]:
         """One batched call; `items[i]` maps input names to arrays/scalars (+ `state_key`)."""
         ...
 

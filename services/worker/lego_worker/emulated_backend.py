@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 from lego.profiles import PROFILE_MODES, ProfileSet
 
-from lego_worker.backend import Item, Outputs, PatchSet
+from lego_worker.backend import Item, Outputs, PartSink, PatchSet
 
 VAE_SCALE_FACTOR = 8  # every profiled family's VAE
 TEXT_TOKENS, TEXT_HIDDEN = 77, 768
@@ -99,6 +99,7 @@ def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
 
 class EmulatedBackend:
     name = "emulated"
+    streams_parts = False  # placeholders travel whole: the profiles time a call as one unit
 
     def __init__(
         self, profiles: ProfileSet, time_scale: float = 1.0, sleep: Callable[[float], None] = time.sleep
@@ -160,7 +161,15 @@ class EmulatedBackend:
         seconds = self.execution_s(op, model_id, mode, items) / self.time_scale
         return seconds, [placeholder_outputs(op, mode, item) for item in items]
 
-    def run(self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet) -> list[Outputs]:
+    def run(
+        self,
+        op: str,
+        model_id: str,
+        mode: str,
+        items: list[Item],
+        patches: PatchSet,
+        parts: PartSink | None = None,
+    ) -> list[Outputs]:
         seconds, outputs = self.plan(op, model_id, mode, items)
         if seconds > 0:
             self._sleep(seconds)

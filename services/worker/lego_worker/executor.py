@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from lego.device_cache import DeviceCache
 
-from lego_worker.backend import Backend, Item, Outputs, PatchSet
+from lego_worker.backend import Backend, Item, Outputs, PartSink, PatchSet
 from lego_worker.embedding_cache import EmbeddingCache, Key
 from lego_worker.emulated_backend import EmulatedBackend
 
@@ -131,8 +131,15 @@ class Executor:
         self.metrics.batch_sizes[items] += 1
 
     def run(
-        self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet = ()
+        self,
+        op: str,
+        model_id: str,
+        mode: str,
+        items: list[Item],
+        patches: PatchSet = (),
+        parts: PartSink | None = None,
     ) -> list[Outputs]:
+        """One batch; a backend that streams hands the parts of streamed outputs to `parts`."""
         with self._lock:
             lookup = self._lookup(op, model_id, mode, items, patches)
             misses = [items[index] for index in lookup.misses]
@@ -143,7 +150,7 @@ class Executor:
             self.cache.pin(model_id)
             started = time.perf_counter()
             try:
-                outputs = self.backend.run(op, model_id, mode, misses, patches)
+                outputs = self.backend.run(op, model_id, mode, misses, patches, parts)
             finally:
                 self.cache.unpin(model_id)
             self.last_execution_s = time.perf_counter() - started
@@ -151,12 +158,18 @@ class Executor:
             return self._answer(lookup, outputs)
 
     async def run_async(
-        self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet = ()
+        self,
+        op: str,
+        model_id: str,
+        mode: str,
+        items: list[Item],
+        patches: PatchSet = (),
+        parts: PartSink | None = None,
     ) -> list[Outputs]:
         """`run` from an event loop: real backends compute on a thread; the emulated one waits on
         the loop itself (a thread hop per batch would cost more than many emulated calls take)."""
         if not isinstance(self.backend, EmulatedBackend):
-            return await asyncio.to_thread(self.run, op, model_id, mode, items, patches)
+            return await asyncio.to_thread(self.run, op, model_id, mode, items, patches, parts)
         lookup = self._lookup(op, model_id, mode, items, patches)
         misses = [items[index] for index in lookup.misses]
         self.last_execution_s = 0.0

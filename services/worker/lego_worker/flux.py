@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from lego_worker.backend import Item, Outputs
+from lego_worker.backend import Item, Outputs, PartSink
 from lego_worker.batch_io import concat, split, to_tensor, uniform
+from lego_worker.block_parts import BatchedParts, for_item, streaming_blocks
 
 
 class FluxTextEncoders(torch.nn.Module):
@@ -131,12 +132,11 @@ def transformer_denoise_flux(model: Any, items: list[Item], device: torch.device
         return [transformer_denoise_flux(model, [item], device)[0] for item in items]
     sizes = [int(np.shape(item["sample"])[0]) for item in items]
     extra: dict[str, Any] = {}
-    if "block_samples" in items[0]:  # with a ControlNet's block samples (stacked on dim 1)
-        blocks = concat(items, "block_samples", device)
-        singles = concat(items, "single_block_samples", device)
+    if "block_samples" in items[0]:  # a ControlNet's block samples (stacked on dim 1), maybe arriving
+        singles = BatchedParts(items, "single_block_samples", device)
         extra = {
-            "controlnet_block_samples": list(blocks.unbind(1)),
-            "controlnet_single_block_samples": list(singles.unbind(1)) if singles.shape[1] else None,
+            "controlnet_block_samples": BatchedParts(items, "block_samples", device),
+            "controlnet_single_block_samples": singles if len(singles) else None,
             "controlnet_blocks_repeat": False,
         }
     with torch.no_grad():
@@ -144,17 +144,29 @@ def transformer_denoise_flux(model: Any, items: list[Item], device: torch.device
     return [{"noise_pred": n} for n in split(noise, sizes)]
 
 
-def controlnet_residuals_flux(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+def controlnet_residuals_flux(
+    model: Any, items: list[Item], device: torch.device, parts: PartSink | None = None
+) -> list[Outputs]:
+    """The double and single block samples; with `parts`, each block's also handed over as soon
+    as it is computed."""
     scales = {float(item["conditioning_scale"]) for item in items}
     if not _uniform(items) or len(scales) > 1:
-        return [controlnet_residuals_flux(model, [item], device)[0] for item in items]
+        return [
+            controlnet_residuals_flux(model, [item], device, for_item(parts, index))[0]
+            for index, item in enumerate(items)
+        ]
     sizes = [int(np.shape(item["sample"])[0]) for item in items]
     kwargs = _flux_inputs(model, items, device)
-    with torch.no_grad():
+    scale = scales.pop()
+    streams = [
+        ("block_samples", model.transformer_blocks, model.controlnet_blocks),
+        ("single_block_samples", model.single_transformer_blocks, model.controlnet_single_blocks),
+    ]
+    with torch.no_grad(), streaming_blocks(streams, scale, sizes, parts):
         blocks, singles = model(
             controlnet_cond=concat(items, "control_latents", device),
             controlnet_mode=None,
-            conditioning_scale=scales.pop(),
+            conditioning_scale=scale,
             **kwargs,
         )
     latents = kwargs["hidden_states"]

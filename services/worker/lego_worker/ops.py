@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from lego_worker.backend import Item, Outputs
+from lego_worker.backend import Item, Outputs, PartSink
 from lego_worker.controlnet import controlnet_residuals, unet_denoise_controlled
 from lego_worker.flux import (
     FluxTextEncoders,
@@ -253,11 +253,9 @@ BATCHED_OPS: dict[tuple[str, str], BatchedOp] = {
     ("text_encoder", "encode_pooled"): text_encode_any,
     ("transformer", "denoise_flux"): transformer_denoise_flux,
     ("transformer", "denoise_flux_controlled"): transformer_denoise_flux,
-    ("controlnet", "residuals_flux"): controlnet_residuals_flux,
     ("vae", "encode_control"): vae_encode_control,
     ("transformer", "denoise_sd3"): transformer_denoise_sd3,
     ("transformer", "denoise_sd3_controlled"): transformer_denoise_sd3,
-    ("controlnet", "residuals_sd3"): controlnet_residuals_sd3,
     ("vae", "encode_copies"): vae_encode_copies,
     ("vae", "decode_packed"): vae_decode_packed,
     ("unet", "denoise_controlled"): unet_denoise_controlled,
@@ -270,6 +268,12 @@ BATCHED_OPS: dict[tuple[str, str], BatchedOp] = {
     ("image", "load"): image_load,
     ("image", "load_control"): image_load_control,
     ("image", "load_resized"): image_load_resized,
+}
+# ControlNets whose block samples are also handed, block by block, to a part sink while they run
+StreamingOp = Callable[[Any, list[Item], torch.device, PartSink | None], list[Outputs]]
+STREAMING_OPS: dict[tuple[str, str], StreamingOp] = {
+    ("controlnet", "residuals_flux"): controlnet_residuals_flux,
+    ("controlnet", "residuals_sd3"): controlnet_residuals_sd3,
 }
 StatefulOp = Callable[[Any, Item, SchedulerStates], Outputs]
 STATEFUL_OPS: dict[tuple[str, str], StatefulOp] = {

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lego_worker.backend import Item, Outputs
+from lego_worker.backend import Item, Outputs, PartSink
 from lego_worker.batch_io import concat, split, to_tensor, uniform
+from lego_worker.block_parts import BatchedParts, for_item, streaming_blocks
 from lego_worker.images import vae_encode
 
 
@@ -70,12 +71,13 @@ def _timestep(items: list[Item], sizes: list[int], device: torch.device) -> torc
 
 
 def transformer_denoise_sd3(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
-    """`denoise_sd3`, and `denoise_sd3_controlled` with a ControlNet's block samples."""
+    """`denoise_sd3`, and `denoise_sd3_controlled` with a ControlNet's block samples (which may
+    still be arriving: each transformer block waits for the one it adds)."""
     if not uniform(items, "sample"):
         return [transformer_denoise_sd3(model, [item], device)[0] for item in items]
     latents = concat(items, "sample", device)
     sizes = [int(np.shape(item["sample"])[0]) for item in items]
-    blocks = list(concat(items, "block_samples", device).unbind(1)) if "block_samples" in items[0] else None
+    blocks = BatchedParts(items, "block_samples", device) if "block_samples" in items[0] else None
     with torch.no_grad():
         noise = model(
             hidden_states=latents,
@@ -116,10 +118,16 @@ def _control_latents(config: Any, item: Item, device: torch.device) -> torch.Ten
     return (sample - (0.0 if config.force_zeros_for_pooled_projection else shift)) * scaling
 
 
-def controlnet_residuals_sd3(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
+def controlnet_residuals_sd3(
+    model: Any, items: list[Item], device: torch.device, parts: PartSink | None = None
+) -> list[Outputs]:
+    """The block samples; with `parts`, each block's also handed over as soon as it is computed."""
     scales = {float(item["conditioning_scale"]) for item in items}
     if len(scales) > 1 or not uniform(items, "sample"):
-        return [controlnet_residuals_sd3(model, [item], device)[0] for item in items]
+        return [
+            controlnet_residuals_sd3(model, [item], device, for_item(parts, index))[0]
+            for index, item in enumerate(items)
+        ]
     if model.pos_embed is None:
         raise ValueError(
             "this SD3 ControlNet has no position embedding of its own (SD3.5 Large's use the "
@@ -133,7 +141,9 @@ def controlnet_residuals_sd3(model: Any, items: list[Item], device: torch.device
     hidden = None  # SD3.5's ControlNets without a context embedder take no text
     if config.joint_attention_dim is not None:
         hidden = concat(items, "encoder_hidden_states", device)
-    with torch.no_grad():
+    scale = scales.pop()
+    streams = [("block_samples", model.transformer_blocks, model.controlnet_blocks)]
+    with torch.no_grad(), streaming_blocks(streams, scale, sizes, parts):
         blocks = model(
             hidden_states=concat(items, "sample", device),
             timestep=_timestep(items, sizes, device),
@@ -141,7 +151,7 @@ def controlnet_residuals_sd3(model: Any, items: list[Item], device: torch.device
             pooled_projections=pooled,
             joint_attention_kwargs=None,
             controlnet_cond=torch.cat([_control_latents(config, item, device) for item in items]),
-            conditioning_scale=scales.pop(),
+            conditioning_scale=scale,
             return_dict=False,
         )[0]
     stacked = torch.stack(list(blocks), dim=1)

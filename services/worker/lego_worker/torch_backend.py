@@ -13,7 +13,7 @@ import torch
 from lego.model_sources import SourcePolicy
 
 from lego_worker import ops
-from lego_worker.backend import Item, Outputs, PatchSet
+from lego_worker.backend import Item, Outputs, PartSink, PatchSet
 from lego_worker.lora import PatchState
 from lego_worker.sources import SourceLoader, TextEncoderBundle
 
@@ -26,6 +26,7 @@ def _modules(model: Any) -> list[torch.nn.Module]:
 
 class TorchBackend:
     name = "torch"
+    streams_parts = True  # ControlNets publish their block samples while they run (lego_worker.parts)
 
     def __init__(self, device: str = "cpu", policy: SourcePolicy | None = None) -> None:
         self.device = torch.device(device)
@@ -74,9 +75,21 @@ class TorchBackend:
     def host_models(self) -> list[str]:
         return sorted(self._host)
 
-    def run(self, op: str, model_id: str, mode: str, items: list[Item], patches: PatchSet) -> list[Outputs]:
+    def run(
+        self,
+        op: str,
+        model_id: str,
+        mode: str,
+        items: list[Item],
+        patches: PatchSet,
+        parts: PartSink | None = None,
+    ) -> list[Outputs]:
         model = self._host[model_id]
         key = (op, mode)
+        if key in ops.STREAMING_OPS:
+            if patches:
+                raise ValueError(f"patches apply to denoisers only, not {op}")
+            return ops.STREAMING_OPS[key](model, items, self.device, parts)
         if key in ops.BATCHED_OPS:
             if op in ("unet", "transformer"):  # LoRA patches a denoiser
                 self._patches.apply(model, patches)
