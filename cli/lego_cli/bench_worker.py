@@ -1,4 +1,5 @@
-"""Worker runtime: tiny-denoiser throughput per batch size, and model sharing on vs off.
+"""Worker runtime: tiny-denoiser throughput per batch size, model sharing on vs off, and partial
+outputs (a ControlNet's block samples streamed to the transformer beside it: lego_cli.bench_parts).
 
 Sharing: two workflows (plain txt2img and a LoRA variant of it) alternate on one worker whose memory
 budget holds one copy of every model plus half again. With sharing on they use the same model ids
@@ -28,6 +29,7 @@ from lego_worker.executor import Executor
 from lego_worker.presets import make_tiny_lora
 from lego_worker.torch_backend import TorchBackend
 
+from lego_cli.bench_parts import partial_outputs
 from lego_cli.cluster import EmbeddedCluster
 
 BATCH_SIZES = (1, 2, 4, 8)
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         lora = make_tiny_lora(Path(scratch) / "lora")
         figures["sharing_on"] = asyncio.run(sharing_run(True, lora, args.requests, args.steps))
         figures["sharing_off"] = asyncio.run(sharing_run(False, lora, args.requests, args.steps))
+    figures["partial_outputs"] = partial_outputs(args.repeats)
     on, off = figures["sharing_on"], figures["sharing_off"]
     figures["ratios"] = {
         "batch8_vs_batch1_throughput": round(
