@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import pytest
 from lego.builtin_workflows import sd15_txt2img
@@ -11,9 +12,11 @@ from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.request_inputs import resolve_inputs
 from lego_coordinator.costs import CostModel
 from lego_coordinator.scheduler import (
+    BatchTask,
     Decisions,
     Dispatch,
     NodeStarted,
+    Pending,
     RequestDone,
     RequestFailed,
     Scheduler,
@@ -422,3 +425,103 @@ def test_a_requeued_controlnet_makes_its_undispatched_denoiser_wait_again() -> N
     # the lost noise-scheduler state is replayed, then the ControlNets run again before their denoisers
     assert ops[:3] == ["noise_scheduler", "controlnet", "unet"]
     assert len([e for e in events if isinstance(e, RequestDone)]) == 1
+
+
+def run_fifo(
+    scheduler: Scheduler, limit: int = 500, unfinished: dict[str, int] | None = None
+) -> list[Dispatch]:
+    """Workers that run their batches in the order received, completing one head batch per round
+    (round robin over the busy workers): what a chained batch relies on. Returns every dispatch."""
+    queues: dict[str, list[Dispatch]] = defaultdict(list)
+    made: dict[str, set[str]] = defaultdict(set)  # worker → "request/node" it ran
+    dispatched: list[Dispatch] = []
+    now = 0.0
+    for _ in range(limit):
+        for dispatch in scheduler.schedule(now).dispatches:
+            queues[dispatch.worker_id].append(dispatch)
+            dispatched.append(dispatch)
+            if unfinished is not None:  # requests unfinished when it was sent
+                unfinished[dispatch.batch_id] = scheduler.in_flight_requests()
+        busy = sorted(w for w, q in queues.items() if q)
+        if not busy:
+            break
+        now += 0.01
+        for worker in busy:
+            head = queues[worker].pop(0)
+            for task in head.tasks:  # an input still being made is made here, before this batch
+                for value in task.inputs.values():
+                    if isinstance(value, Pending):
+                        assert value.tensor_id.rsplit("/", 1)[0] in made[worker], (task.node.id, value)
+            made[worker] |= {t.task_id for t in head.tasks}
+            scheduler.complete(head.batch_id, outputs_of(head), now, 0.005)
+    return dispatched
+
+
+def chained(dispatched: list[Dispatch]) -> list[tuple[Dispatch, BatchTask]]:
+    return [
+        (d, t) for d in dispatched for t in d.tasks if any(isinstance(v, Pending) for v in t.inputs.values())
+    ]
+
+
+def warm(workers: int) -> Scheduler:
+    """Workers that hold every model of the workflow (a node is chained only onto its model's holder)."""
+    scheduler = make(workers=workers)
+    for index in range(workers):
+        scheduler.set_loaded(f"w{index}", sorted({n.model for n in graph().nodes.values()}))
+    return scheduler
+
+
+def test_under_light_load_a_successor_is_queued_behind_its_producer_on_the_same_worker() -> None:
+    scheduler = warm(1)
+    scheduler.admit("r1", "wf", graph(steps=3), 0.0)
+    dispatched = run_fifo(scheduler)
+    assert scheduler.in_flight_requests() == 0  # it completed
+    placed = {t.node.id: d.worker_id for d in dispatched for t in d.tasks}
+    assert len(placed) == len(graph(steps=3).nodes)  # every node ran once
+    links = chained(dispatched)
+    assert len(links) >= 2 * 3  # each step's denoiser calls and its scheduler step, at least
+    for dispatch, task in links:
+        for value in task.inputs.values():
+            if isinstance(value, Pending):
+                producer = value.tensor_id.split("/", 1)[1].rsplit("/", 1)[0]
+                assert placed[producer] == dispatch.worker_id
+
+
+def test_with_more_requests_than_workers_nothing_is_chained() -> None:
+    scheduler = warm(1)
+    for index in range(3):
+        scheduler.admit(f"r{index}", "wf", graph(steps=2), 0.0)
+    unfinished: dict[str, int] = {}
+    dispatched = run_fifo(scheduler, unfinished=unfinished)
+    assert scheduler.in_flight_requests() == 0
+    # while several requests share the worker, batches wait for the round trip (and may batch
+    # together); chaining starts once the last request is alone
+    assert {unfinished[d.batch_id] for d, _ in chained(dispatched)} == {1}
+    assert any(len(d.tasks) > 2 for d in dispatched)  # requests batched together meanwhile
+
+
+def test_a_chained_node_lost_with_its_worker_waits_again_for_its_producer() -> None:
+    scheduler = warm(2)
+    scheduler.admit("r1", "wf", graph(steps=2), 0.0)
+    queues: dict[str, list[Dispatch]] = defaultdict(list)
+    for _ in range(20):  # run until some worker holds a producer and a node chained behind it
+        for dispatch in scheduler.schedule(0.0).dispatches:
+            queues[dispatch.worker_id].append(dispatch)
+        victim = next((w for w, q in queues.items() if chained(q)), None)
+        if victim is not None:
+            break
+        worker = next(w for w, q in queues.items() if q)
+        head = queues[worker].pop(0)
+        scheduler.complete(head.batch_id, outputs_of(head), 0.0, 0.005)
+    assert victim is not None
+    held = queues.pop(victim)
+    lost = {t.node.id for d in held for t in d.tasks}
+    waiting = {t.node.id for _, t in chained(held)}
+    scheduler.remove_worker(victim)
+    assert scheduler.ready_count() == len(lost - waiting)  # the chained ones wait for their producers
+    survivor = next(w for w in ("w0", "w1") if w != victim)
+    queues[survivor] = []  # its batches completed above or were never sent
+    redone = run_fifo(scheduler)
+    assert scheduler.in_flight_requests() == 0
+    assert lost <= {t.node.id for d in redone for t in d.tasks}
+    assert all(d.worker_id == survivor for d in redone)

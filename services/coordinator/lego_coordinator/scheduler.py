@@ -282,6 +282,11 @@ class Scheduler:
                 if consumer not in request.running and consumer not in request.done:
                     request.remaining[consumer] += 1
                     self._ready.discard((request.request_id, consumer))
+        for request, node_id in requeued:  # a chained node waits again for producers lost with it
+            missing = self._missing_producers(request, node_id)
+            if missing:
+                request.remaining[node_id] = missing
+                self._ready.discard((request.request_id, node_id))
         for request in self._requests.values():
             if request.finished:
                 continue
@@ -292,6 +297,13 @@ class Scheduler:
                 if holder == worker_id:
                     self._replay_state(request, key)
         return []
+
+    def _missing_producers(self, request: _Request, node_id: str) -> int:
+        """Producers of the node's inputs that are not done, besides those it reads deferred."""
+        node = request.graph.nodes[node_id]
+        refs = [(name, v) for name, v in node.inputs.items() if isinstance(v, Ref)]
+        producers = {v.node for name, v in refs if name not in node.deferred}
+        return len(producers - request.done)
 
     def _replay_state(self, request: _Request, key: str) -> None:
         del request.state_workers[key]
@@ -586,7 +598,55 @@ class Scheduler:
             self._dispatch(batch, worker, now, decisions)
             if len(worker.in_flight) >= self.max_in_flight:
                 available.remove(worker)
+        self._chain(now, decisions)
         self._preload_hot_models(decisions)
+
+    def _chain(self, now: float, decisions: Decisions) -> None:
+        """Under light load, queue on a worker the successors of the batches it holds whose every
+        missing input those batches make: they start as soon as it has published them, without
+        waiting for a round trip through the coordinator (its inputs arrive lazily on the worker's
+        own data engine). Only when no ready work waits and no more requests are unfinished than
+        there are workers: a chained node is not batched with nodes that become ready later."""
+        if self._ready or self.in_flight_requests() > len(self._active()):
+            return
+        for worker in self._active():
+            if 0 < len(worker.in_flight) < self.max_in_flight:
+                batch = self._chainable(worker)
+                if batch:
+                    for request_id, node_id in batch:
+                        self._requests[request_id].remaining[node_id] = 0
+                    self._dispatch(batch, worker, now, decisions)
+
+    def _chainable(self, worker: _Worker) -> list[tuple[str, str]]:
+        """The highest-priority batch of nodes whose missing producers all run or wait on `worker`."""
+        held: dict[str, set[str]] = defaultdict(set)  # request → its nodes on this worker
+        for batch_id in worker.in_flight:
+            for task in self._in_flight[batch_id].tasks:
+                held[task.request_id].add(task.node.id)
+        groups: dict[tuple[object, ...], list[tuple[str, str]]] = defaultdict(list)
+        for request_id, nodes in held.items():
+            request = self._requests.get(request_id)
+            if request is None or request.finished or request.replay:
+                continue
+            for successor in {s for n in nodes for s in request.successors[n]}:
+                node = request.graph.nodes[successor]
+                if (
+                    successor in request.running
+                    or successor in request.done
+                    or node.deferred
+                    or node.model not in worker.loaded
+                    or request.state_workers.get(node.state_key, worker.worker_id) != worker.worker_id
+                ):
+                    continue
+                producers = {v.node for v in node.inputs.values() if isinstance(v, Ref)}
+                if producers - request.done <= nodes:
+                    groups[_batch_key(node)].append((request_id, successor))
+        if not groups:
+            return []
+        best = min(groups.values(), key=lambda entries: min(map(self._priority, entries)))
+        best.sort(key=self._priority)
+        node = self._node(best[0])
+        return best[:1] if _stateful(node) else best[: self.costs.batch_limits(node)[0]]
 
     def _wait_for_holder(
         self, batch: list[tuple[str, str]], chosen: _Worker, now: float, waiting: Counter[str]
@@ -805,6 +865,8 @@ class Scheduler:
             if node.step:
                 events.append(StepProgress(request.request_id, node.step, node.total_steps))
             for successor in request.successors[node.id]:
+                if successor in request.running or successor in request.done:
+                    continue  # chained: already queued behind this node on its worker
                 request.remaining[successor] -= 1
                 if request.remaining[successor] == 0:
                     self._ready.add((request.request_id, successor))
