@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,18 @@ REGISTRATION_TTL_S = 5.0
 RECONNECT_S = 0.5
 EMULATED_DEVICE_BYTES = 80 * 10**9
 DRAIN_TIMEOUT_S = 120.0
+PUBLISHED_KEPT = 256  # handles of the latest outputs kept for nodes chained behind their producer
+RELEASED_KEPT = 1024
+RELEASED = "request released before its batch could run"
+
+
+class RequestReleased(Exception):
+    """A batch's requests were released while it waited for inputs freed with them."""
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 @dataclass
@@ -147,6 +160,9 @@ class WorkerAgent:
         self.left = asyncio.Event()  # the coordinator let this draining worker go (or is gone)
         self._call: Any = None
         self._write_lock = asyncio.Lock()
+        self._published: OrderedDict[str, common_pb2.TensorHandle] = OrderedDict()
+        self._released: OrderedDict[str, None] = OrderedDict()  # requests over, newest last
+        self._input_wait: tuple[frozenset[str], asyncio.Future[list[Any]]] | None = None
 
     async def run(self) -> None:
         """Serve the coordinator forever, reconnecting (to a new leader) when the stream breaks."""
@@ -211,7 +227,7 @@ class WorkerAgent:
                         self.prefetch_inputs(message.batch)
                         self.queue.put_nowait(message.batch)
                     elif kind == "release":
-                        self.executor.release(message.release.request_id)
+                        self._release(message.release.request_id)
                     elif kind == "preload":
                         task = asyncio.create_task(self._preload(message.preload.model))
                         self._background.add(task)
@@ -224,6 +240,7 @@ class WorkerAgent:
             finally:
                 self._call = None
                 await cancel_task(runner)
+                self._drop_queued()
 
     def prefetch_inputs(self, batch: coordinator_pb2.TaskBatch) -> None:
         """Start pulling the batch's remote inputs now, while earlier batches still run here."""
@@ -251,32 +268,76 @@ class WorkerAgent:
                 await self._write(call, coordinator_pb2.WorkerMessage(result=stale))
                 continue
             self.epoch = batch.epoch
-            result = await self._run_batch(batch)
+            if {task.request_id for task in batch.tasks} <= self._released.keys():
+                result = coordinator_pb2.BatchResult(batch_id=batch.batch_id, error=RELEASED)
+            else:
+                result = await self._run_batch(batch)
             await self._write(call, coordinator_pb2.WorkerMessage(result=result))
 
+    def _drop_queued(self) -> None:
+        """The stream broke: the coordinator re-runs whatever it had sent here (or is gone, and its
+        successor does), so the batches still queued are dropped; one chained behind the batch
+        the break interrupted would wait for outputs never published."""
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+    def _release(self, request_id: str) -> None:
+        """A request is over: its scheduler state goes, and batches of it still queued here, or
+        waiting for inputs (freed with it), are answered at once instead of waiting for them."""
+        self.executor.release(request_id)
+        self._released[request_id] = None
+        while len(self._released) > RELEASED_KEPT:
+            self._released.popitem(last=False)
+        if self._input_wait is not None and self._input_wait[0] <= self._released.keys():
+            self._input_wait[1].cancel()
+
     async def _inputs(
-        self, task: coordinator_pb2.Task, part_inputs: tuple[str, ...], receiving: list[asyncio.Task[None]]
+        self,
+        task: coordinator_pb2.Task,
+        part_inputs: tuple[str, ...],
+        receiving: list[asyncio.Task[None]],
+        requests: frozenset[str],
     ) -> dict[str, Any]:
         """A task's inputs: values, inline scalars and tensors the mapped arena holds at once; a
         deferred input in `part_inputs` still being produced as parts arriving during the call (its
         receiver added to `receiving`); the rest (not mapped yet, not arrived, on another host)
         awaited together."""
         ready: dict[str, Any] = {}
-        waiting = []
+        waiting: dict[str, common_pb2.TensorHandle] = {}
         for name, value in task.inputs.items():
             if value.WhichOneof("kind") != "tensor":
                 ready[name] = from_value(value)
-            elif (array := self.data.local(value.tensor)) is not None:
+                continue
+            handle = value.tensor
+            if tensors.is_pending(handle):  # queued behind its producer here: maybe made already
+                handle = self._published.get(handle.tensor_id, handle)
+            if (array := self.data.local(handle)) is not None:
                 ready[name] = array
-            elif name in part_inputs and tensors.is_pending(value.tensor):
-                ready[name] = ArrivingParts(value.tensor.tensor_id)
-                receiving.append(asyncio.create_task(receive(self.data, value.tensor, ready[name])))
+            elif name in part_inputs and tensors.is_pending(handle):
+                ready[name] = ArrivingParts(handle.tensor_id)
+                receiving.append(asyncio.create_task(receive(self.data, handle, ready[name])))
             else:
-                waiting.append(name)
+                waiting[name] = handle
         if waiting:
-            arrays = await asyncio.gather(*(self.data.get(task.inputs[name].tensor) for name in waiting))
+            fetch = asyncio.gather(*(self.data.get(handle) for handle in waiting.values()))
+            self._input_wait = (requests, fetch)
+            try:
+                arrays = await fetch
+            except asyncio.CancelledError:
+                if not fetch.cancelled() or _being_cancelled():
+                    raise
+                raise RequestReleased(RELEASED) from None
+            finally:
+                self._input_wait = None
             ready.update(zip(waiting, arrays, strict=True))
         return {name: ready[name] for name in task.inputs}
+
+    def _remember(self, handle: common_pb2.TensorHandle) -> None:
+        """Handles of this worker's latest outputs: a node chained behind their producer here gets
+        only their ids (lego_coordinator.scheduler `_chain`), and scalars are in no data engine."""
+        self._published[handle.tensor_id] = handle
+        while len(self._published) > PUBLISHED_KEPT:
+            self._published.popitem(last=False)
 
     def _part_inputs(self, batch: coordinator_pb2.TaskBatch) -> tuple[str, ...]:
         if not self.executor.backend.streams_parts:
@@ -309,7 +370,7 @@ class WorkerAgent:
         try:
             part_inputs = self._part_inputs(batch)
             for task in batch.tasks:
-                item = await self._inputs(task, part_inputs, receiving)
+                item = await self._inputs(task, part_inputs, receiving, frozenset(request_ids))
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
             patches = tuple((p.source, p.scale) for p in batch.patches)
@@ -332,6 +393,7 @@ class WorkerAgent:
                 scalar = np.ndim(array) == 0
                 handle = tensors.inline_handle(tensor_id, array) if scalar else next(handles)
                 results[task_id].outputs[name].CopyFrom(handle)
+                self._remember(handle)
             self._count_batch(batch, result.execution_s)
         except Exception as error:
             log.exception("batch_failed", op=batch.op, model=batch.model)
