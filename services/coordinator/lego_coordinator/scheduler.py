@@ -618,7 +618,8 @@ class Scheduler:
                     self._dispatch(batch, worker, now, decisions)
 
     def _chainable(self, worker: _Worker) -> list[tuple[str, str]]:
-        """The highest-priority batch of nodes whose missing producers all run or wait on `worker`."""
+        """The highest-priority group of same-key nodes whose missing producers all run or wait on
+        `worker`, if it fits one batch."""
         held: dict[str, set[str]] = defaultdict(set)  # request → its nodes on this worker
         for batch_id in worker.in_flight:
             for task in self._in_flight[batch_id].tasks:
@@ -641,12 +642,15 @@ class Scheduler:
                 producers = {v.node for v in node.inputs.values() if isinstance(v, Ref)}
                 if producers - request.done <= nodes:
                     groups[_batch_key(node)].append((request_id, successor))
-        if not groups:
+        # a group that would not fit one batch is left whole to the ready queue: chaining part of it
+        # would split what runs together there (a step's two CFG branches, and their denoisers)
+        whole = [g for g in groups.values() if len(g) <= self._batch_limit(self._node(g[0]))]
+        if not whole:
             return []
-        best = min(groups.values(), key=lambda entries: min(map(self._priority, entries)))
-        best.sort(key=self._priority)
-        node = self._node(best[0])
-        return best[:1] if _stateful(node) else best[: self.costs.batch_limits(node)[0]]
+        return sorted(min(whole, key=lambda entries: min(map(self._priority, entries))), key=self._priority)
+
+    def _batch_limit(self, node: TaskNode) -> int:
+        return 1 if _stateful(node) else self.costs.batch_limits(node)[0]
 
     def _wait_for_holder(
         self, batch: list[tuple[str, str]], chosen: _Worker, now: float, waiting: Counter[str]

@@ -224,6 +224,8 @@ class WorkerAgent:
                         return
                     kind = message.WhichOneof("message")
                     if kind == "batch":
+                        for task in message.batch.tasks:  # sent after a release: a new submission
+                            self._released.pop(task.request_id, None)
                         self.prefetch_inputs(message.batch)
                         self.queue.put_nowait(message.batch)
                     elif kind == "release":
