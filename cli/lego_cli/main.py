@@ -114,6 +114,8 @@ def _worker_config(args: argparse.Namespace) -> WorkerConfig:
         time_scale=args.time_scale,
         memory_bytes=int(args.memory_gb * 10**9),
         embedding_cache_bytes=int(args.embedding_cache_mb * 2**20),
+        lora_fetch_s=args.lora_fetch_s,
+        lora_capacity=args.lora_capacity,
     )
 
 
@@ -127,7 +129,11 @@ def _worker_flags(args: argparse.Namespace) -> tuple[str, ...]:
         str(args.memory_gb),
         "--embedding-cache-mb",
         str(args.embedding_cache_mb),
+        "--lora-capacity",
+        str(args.lora_capacity),
     ]
+    if args.lora_fetch_s is not None:
+        flags += ["--lora-fetch-s", str(args.lora_fetch_s)]
     if args.profile is not None:
         flags += ["--profile", str(args.profile)]
     return tuple(flags)

@@ -63,6 +63,7 @@ def _sd15(
     *,
     default_size: int,
     loras: Sequence[LoRA] = (),
+    lora_async_steps: int = 0,
     controlnet: str = "",  # a ControlNet model id
     img2img: bool = False,
     default_guidance: float = 7.5,
@@ -94,6 +95,7 @@ def _sd15(
             width=given.width,
             extra_iterations=1,  # SD 1.5's PNDM scheduler (PLMS) repeats one timestep
             loras=loras,
+            lora_async_steps=lora_async_steps,
             adapters=adapters,
             init_latents=init_latents,
             strength=strength,
@@ -108,9 +110,11 @@ def sd15_txt2img(
     *,
     default_size: int = 512,
     loras: Sequence[LoRA] = (),
+    lora_async_steps: int = 0,
     default_guidance: float = 7.5,
 ) -> compiler_pb2.WorkflowSpec:
-    """SD 1.5 text-to-image with classifier-free guidance (on when guidance_scale > 1)."""
+    """SD 1.5 text-to-image with classifier-free guidance (on when guidance_scale > 1); with
+    `lora_async_steps` K its first K steps may run before its LoRAs have loaded."""
     what = "with LoRA " if loras else ""
     return _sd15(
         name,
@@ -118,6 +122,7 @@ def sd15_txt2img(
         f"SD 1.5 text-to-image {what}with CFG ({source})",
         default_size=default_size,
         loras=loras,
+        lora_async_steps=lora_async_steps,
         default_guidance=default_guidance,
     )
 

@@ -51,6 +51,9 @@ class TaskNode:
     # inputs the call may start without: the worker awaits them (lazy arrival); their producers may
     # run concurrently elsewhere. A scheduler that does not support this treats them as blocking.
     deferred: frozenset[str] = frozenset()
+    # may run without those of its patches the worker has not loaded yet (they load meanwhile):
+    # a denoise loop's first `lora_async_steps` iterations (bounded asynchronous LoRA loading)
+    patches_optional: bool = False
 
 
 @dataclass
@@ -229,6 +232,7 @@ def _unroll_denoise_loop(
     start = _img2img_start(loop, steps, inputs["strength"]) if "strength" in inputs else 0
     iterations = steps + extra_iterations - start
     patches = tuple((patch.source, patch.scale) for patch in loop.patches)
+    async_steps = int(loop.attributes.get("lora_async_steps", "0")) if patches else 0
     control_encode = _sd3_control_encode(loop, adapters, nodes, 2 if cfg else 1)
     init = _init_node(loop, inputs, steps, iterations, start, adapters, control_encode)
     nodes[init.id] = init
@@ -237,7 +241,11 @@ def _unroll_denoise_loop(
         prefix = f"{loop.id}/step{step}"
 
         def denoiser(
-            branch: str, embeds: Ref | Scalar, prefix: str = prefix, previous: str = previous
+            branch: str,
+            embeds: Ref | Scalar,
+            prefix: str = prefix,
+            previous: str = previous,
+            optional: bool = step < async_steps,
         ) -> str:
             node_id = f"{prefix}/{branch}"
             call: dict[str, Ref | Scalar] = {
@@ -277,6 +285,7 @@ def _unroll_denoise_loop(
                     ("noise_pred",),
                     patches=patches,
                     deferred=deferred,
+                    patches_optional=optional,
                 )
                 return node_id
             if "pooled_prompt_embeds" in inputs:  # SDXL, SD3
@@ -312,6 +321,7 @@ def _unroll_denoise_loop(
                 ("noise_pred",),
                 patches=patches,
                 deferred=deferred,
+                patches_optional=optional,
             )
             return node_id
 

@@ -55,6 +55,17 @@ PARTIAL_OUTPUTS = Counter(
     "Parts of streamed outputs published while their call ran, or consumed before their producer ended",
     ["worker_id", "direction"],
 )
+LORA_FETCHES = Counter(
+    "lego_worker_lora_fetches_total", "LoRA fetches into host memory started by batches", ["worker_id"]
+)
+LORA_WAITS = Counter(
+    "lego_worker_lora_waits_total", "Batches that waited for their LoRAs to load (synchronous)", ["worker_id"]
+)
+UNPATCHED_BATCHES = Counter(
+    "lego_worker_unpatched_batches_total",
+    "Batches that ran without some of their LoRAs while these loaded (bounded async LoRA loading)",
+    ["worker_id"],
+)
 EMBEDDING_CACHE_HITS = Counter(
     "lego_embedding_cache_hits_total", "Text-encoder items answered by the embedding cache", ["worker_id"]
 )

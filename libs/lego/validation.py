@@ -23,6 +23,7 @@ LOOP_ATTRIBUTE_LIMITS = {
     "latent_channels": (1, 4096),
     "vae_scale_factor": (1, 4096),
     "extra_iterations": (0, 1000),
+    "lora_async_steps": (0, 1000),  # lego.workflow.denoise_loop: steps that may run before a LoRA loads
 }
 # Names a caller sees again in keys, URLs, tensor ids and error messages: bounded (the gateway takes
 # workflow names of up to 256 characters).

@@ -310,6 +310,7 @@ def denoise_loop(
     vae_scale_factor: int = 8,
     extra_iterations: int = 0,
     loras: Sequence[LoRA] = (),
+    lora_async_steps: int = 0,
     adapters: Sequence[AdapterUse] = (),
     init_latents: Handle | None = None,
     strength: Bindable | None = None,
@@ -326,6 +327,9 @@ def denoise_loop(
     embeddings (SDXL) the denoiser is conditioned on them and on the image size.
     `guidance="embedded"` (FLUX.1): one branch; the denoiser takes guidance_scale itself (dev) or
     ignores it (schnell); needs pooled_prompt_embeds and no negative prompt.
+    `lora_async_steps=K` (bounded asynchronous LoRA loading): a worker that does not hold the LoRAs
+    yet runs the loop's first K iterations without them while they load, and applies them from
+    iteration K at the latest; K = 0 waits for them, so the image equals synchronous loading.
     """
     inputs: dict[str, Any] = {"prompt_embeds": prompt_embeds}
     if guidance == "cfg":
@@ -353,6 +357,8 @@ def denoise_loop(
     }
     if guidance != "cfg":
         attributes["guidance"] = guidance
+    if lora_async_steps:
+        attributes["lora_async_steps"] = str(lora_async_steps)
     if denoiser.op != "unet":
         attributes["denoiser_op"] = denoiser.op
     if (init_latents is None) != (strength is None):

@@ -68,6 +68,7 @@ class GeneratedImage(_Record):
     nodes_executed: int = 0  # gRPC only
     execution_s: float = 0.0  # gRPC only
     slo_s: float = 0.0  # gRPC only
+    unpatched_calls: int = 0  # denoiser calls run before their LoRA had loaded (async LoRA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,7 @@ def generated_image(reply: gateway_pb2.GenerateReply) -> GeneratedImage:
         nodes_executed=reply.nodes_executed,
         execution_s=reply.execution_s,
         slo_s=reply.slo_s,
+        unpatched_calls=reply.unpatched_calls,
     )
 
 

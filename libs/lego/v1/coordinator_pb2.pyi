@@ -265,9 +265,12 @@ class RequestDone(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     NODES_EXECUTED_FIELD_NUMBER: _builtins.int
     EXECUTION_S_FIELD_NUMBER: _builtins.int
+    UNPATCHED_CALLS_FIELD_NUMBER: _builtins.int
     nodes_executed: _builtins.int
     execution_s: _builtins.float
     """seconds its batches ran on workers (shared batches counted whole)"""
+    unpatched_calls: _builtins.int
+    """denoiser calls that ran without their LoRA (it was still loading)"""
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
     def __init__(
@@ -276,10 +279,11 @@ class RequestDone(_message.Message):
         outputs: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
         nodes_executed: _builtins.int = ...,
         execution_s: _builtins.float = ...,
+        unpatched_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "nodes_executed", b"nodes_executed", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "nodes_executed", b"nodes_executed", "outputs", b"outputs", "unpatched_calls", b"unpatched_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -419,11 +423,16 @@ class Task(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     STATE_KEY_FIELD_NUMBER: _builtins.int
+    PATCHES_OPTIONAL_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     request_id: _builtins.str
     node_id: _builtins.str
     state_key: _builtins.str
     """per-request state (noise scheduler) stays on one worker"""
+    patches_optional: _builtins.bool
+    """may run without the batch's LoRA patches the worker does not hold yet, while they load
+    (bounded asynchronous LoRA loading: a denoise loop's first `lora_async_steps` steps)
+    """
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
     @_builtins.property
@@ -437,10 +446,11 @@ class Task(_message.Message):
         inputs: _abc.Mapping[_builtins.str, _common_pb2.Value] | None = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         state_key: _builtins.str = ...,
+        patches_optional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "node_id", b"node_id", "outputs", b"outputs", "request_id", b"request_id", "state_key", b"state_key", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "node_id", b"node_id", "outputs", b"outputs", "patches_optional", b"patches_optional", "request_id", b"request_id", "state_key", b"state_key", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,7 +544,10 @@ class TaskResult(_message.Message):
 
     TASK_ID_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    UNPATCHED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
+    unpatched: _builtins.bool
+    """ran without some of its LoRA patches (they were still loading)"""
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.TensorHandle]: ...
     def __init__(
@@ -542,10 +555,11 @@ class TaskResult(_message.Message):
         *,
         task_id: _builtins.str = ...,
         outputs: _abc.Mapping[_builtins.str, _common_pb2.TensorHandle] | None = ...,
+        unpatched: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "task_id", b"task_id", "unpatched", b"unpatched"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -561,6 +575,7 @@ class BatchResult(_message.Message):
     EXECUTION_S_FIELD_NUMBER: _builtins.int
     LOADED_MODELS_FIELD_NUMBER: _builtins.int
     MODEL_EVENTS_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     error: _builtins.str
     """non-empty: the batch failed as a whole"""
@@ -573,6 +588,10 @@ class BatchResult(_message.Message):
     def model_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelEvent]:
         """loads and evictions since the last report"""
 
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """LoRA sources the worker holds, loaded or loading"""
+
     def __init__(
         self,
         *,
@@ -582,10 +601,11 @@ class BatchResult(_message.Message):
         execution_s: _builtins.float = ...,
         loaded_models: _abc.Iterable[_builtins.str] | None = ...,
         model_events: _abc.Iterable[Global___ModelEvent] | None = ...,
+        loras: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "error", b"error", "execution_s", b"execution_s", "loaded_models", b"loaded_models", "model_events", b"model_events", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "error", b"error", "execution_s", b"execution_s", "loaded_models", b"loaded_models", "loras", b"loras", "model_events", b"model_events", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

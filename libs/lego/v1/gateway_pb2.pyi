@@ -88,6 +88,7 @@ class GenerateReply(_message.Message):
     NODES_EXECUTED_FIELD_NUMBER: _builtins.int
     EXECUTION_S_FIELD_NUMBER: _builtins.int
     SLO_S_FIELD_NUMBER: _builtins.int
+    UNPATCHED_CALLS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     png: _builtins.bytes
     width: _builtins.int
@@ -98,6 +99,8 @@ class GenerateReply(_message.Message):
     """seconds the request's batches ran on workers"""
     slo_s: _builtins.float
     """the latency objective it was admitted with; 0 when none is enforced"""
+    unpatched_calls: _builtins.int
+    """denoiser calls that ran before their LoRA had loaded (async LoRA)"""
     def __init__(
         self,
         *,
@@ -109,10 +112,11 @@ class GenerateReply(_message.Message):
         nodes_executed: _builtins.int = ...,
         execution_s: _builtins.float = ...,
         slo_s: _builtins.float = ...,
+        unpatched_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "height", b"height", "latency_s", b"latency_s", "nodes_executed", b"nodes_executed", "png", b"png", "request_id", b"request_id", "slo_s", b"slo_s", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "height", b"height", "latency_s", b"latency_s", "nodes_executed", b"nodes_executed", "png", b"png", "request_id", b"request_id", "slo_s", b"slo_s", "unpatched_calls", b"unpatched_calls", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

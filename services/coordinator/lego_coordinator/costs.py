@@ -5,7 +5,8 @@ learned from what the workers report (the median of the last few reports), so th
 the real cluster (tiny models on CPUs included) but not a stalled host: a moving average let a few
 batches caught in a two-second stall multiply a model's estimate, and admission then refused every
 request, so nothing ran that could have corrected it. Loads cost the profile's host → device time;
-moving a tensor between hosts costs its size over a bandwidth.
+moving a tensor between hosts costs its size over a bandwidth; a LoRA the worker does not hold
+costs the median of the last fetches workers reported.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ LEARNING_WINDOW = 9  # reports per execution estimate: up to four outliers among
 OVERHEAD_LEARNING_RATE = 0.3
 DEFAULT_BATCH = (4, 8)
 INITIAL_OVERHEAD_S = 0.002  # per batch: dispatch, input fetch, output publish, report
+LORA_FETCH_S = 4.4  # a LoRA fetch before any is reported: a production trace's median (Katz)
 
 
 def _pixels(node: TaskNode) -> int:
@@ -46,6 +48,7 @@ class CostModel:
     _profiled: dict[tuple[str, str, str, int, int], float | None] = field(default_factory=dict, repr=False)
     _limits: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _reports: dict[tuple[str, str, str, int], deque[float]] = field(default_factory=dict, repr=False)
+    _lora_fetches: deque[float] = field(default_factory=lambda: deque(maxlen=LEARNING_WINDOW), repr=False)
 
     def _profile_name(self, model: str) -> str | None:
         try:
@@ -87,6 +90,14 @@ class CostModel:
         (with a median, a simulated burst admitted requests it then dropped). A stalled report
         decays within the next batches, which a request alone on the cluster always gets to run."""
         self.overhead_s += OVERHEAD_LEARNING_RATE * (max(0.0, seconds) - self.overhead_s)
+
+    def observe_lora_fetch(self, seconds: float) -> None:
+        self._lora_fetches.append(max(0.0, seconds))
+
+    def lora_fetch_s(self) -> float:
+        if self._lora_fetches:
+            return statistics.median(self._lora_fetches)
+        return LORA_FETCH_S / self.time_scale
 
     def load_s(self, model: str) -> float:
         name = self._profile_name(model)

@@ -84,6 +84,7 @@ class RequestDone:
     outputs: dict[str, object]
     nodes_executed: int
     execution_s: float
+    unpatched_calls: int = 0  # denoiser calls that ran before their LoRA had loaded
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class _Request:
     worker: str | None = None  # monolithic policies: the worker running the whole request
     finished: bool = False
     execution_s: float = 0.0
+    unpatched_calls: int = 0
     order: dict[str, int] = field(default_factory=dict)
     work_ratio: float = 1.0  # standalone time ÷ one-by-one work: what batching saves
     readers: dict[Ref, int] = field(default_factory=dict)  # consumers still to read each tensor
@@ -186,6 +188,7 @@ class _Worker:
     index: int
     in_flight: list[str] = field(default_factory=list)
     loaded: set[str] = field(default_factory=set)
+    loras: set[str] = field(default_factory=set)  # LoRA sources it holds (or is fetching)
     busy_until: float = 0.0
     last_done_at: float = 0.0
     serving: str | None = None  # monolithic: the request it runs
@@ -333,6 +336,7 @@ class Scheduler:
         request.state_workers.clear()
         request.replay.clear()
         request.execution_s = 0.0
+        request.unpatched_calls = 0
         self._ready = {e for e in self._ready if e[0] != request.request_id}
         self._init_readiness(request)
 
@@ -371,12 +375,15 @@ class Scheduler:
         counts: Counter[str] = Counter(self._node(entry).model for entry in self._ready)
         return dict(counts)
 
-    def set_loaded(self, worker_id: str, models: list[str]) -> None:
-        """What the worker reports resident on its device (after loads and evictions)."""
+    def set_loaded(self, worker_id: str, models: list[str], loras: list[str] | None = None) -> None:
+        """What the worker reports resident on its device (after loads and evictions), and the
+        LoRAs it holds (None: not reported)."""
         worker = self._workers.get(worker_id)
         if worker is not None:
             worker.loaded = set(models)
             worker.preloading -= worker.loaded
+            if loras is not None:
+                worker.loras = set(loras)
 
     def workers(self) -> dict[str, tuple[bool, list[str]]]:
         return {w.worker_id: (bool(w.in_flight), sorted(w.loaded)) for w in self._workers.values()}
@@ -555,9 +562,19 @@ class Scheduler:
                 spare -= 1
         return batches
 
-    def _cost(self, worker: _Worker, nodes: list[TaskNode], request_ids: list[str], now: float) -> float:
+    def _load_s(self, worker: _Worker, nodes: list[TaskNode]) -> float:
+        """What the batch waits for on this worker before it runs: its model's load, and the fetch of
+        LoRAs the worker lacks unless every node may start without them."""
         node = nodes[0]
         load = 0.0 if node.model in worker.loaded else self.costs.load_s(node.model)
+        if all(member.patches_optional for member in nodes):
+            return load
+        missing = sum(1 for source, _ in node.patches if source not in worker.loras)
+        return load + missing * self.costs.lora_fetch_s()
+
+    def _cost(self, worker: _Worker, nodes: list[TaskNode], request_ids: list[str], now: float) -> float:
+        node = nodes[0]
+        load = self._load_s(worker, nodes)
         transfer = 0.0
         for member, request_id in zip(nodes, request_ids, strict=True):
             request = self._requests[request_id]
@@ -763,7 +780,8 @@ class Scheduler:
         self._ready.difference_update(batch)
         self._in_flight[batch_id] = dispatch
         worker.in_flight.append(batch_id)
-        load = 0.0 if first.model in worker.loaded else self.costs.load_s(first.model)
+        load = self._load_s(worker, [task.node for task in tasks])
+        worker.loras.update(source for source, _ in first.patches)  # fetched there from now on
         worker.busy_until = (
             max(now, worker.busy_until) + load + self.costs.exec_s(first, len(batch)) + self.costs.overhead_s
         )
@@ -823,9 +841,11 @@ class Scheduler:
         now: float,
         execution_s: float | None = None,
         loading_s: float = 0.0,
+        unpatched: frozenset[str] = frozenset(),
     ) -> list[Event]:
         """A batch finished at `now`: its outputs, its measured execution and the model loads its
-        worker did meanwhile (neither is control-plane overhead)."""
+        worker did meanwhile (neither is control-plane overhead), and the tasks that ran without
+        their LoRAs (still loading)."""
         dispatch = self._in_flight.pop(batch_id, None)
         if dispatch is None:
             return []  # a stale report (the worker was removed meanwhile): never applied twice
@@ -856,6 +876,7 @@ class Scheduler:
             request.running.discard(node.id)
             if node.id not in request.done:
                 self._pending_s[node.model] -= self.costs.exec_s(node)
+                request.unpatched_calls += task.task_id in unpatched
             for name, tensor in outputs.get(task.task_id, {}).items():
                 request.produced[Ref(node.id, name)] = tensor
             request.done.add(node.id)
@@ -879,7 +900,13 @@ class Scheduler:
                 self._free_worker(request)
                 result = {name: request.produced[ref].handle for name, ref in request.graph.outputs.items()}
                 events.append(
-                    RequestDone(request.request_id, result, len(request.graph.nodes), request.execution_s)
+                    RequestDone(
+                        request.request_id,
+                        result,
+                        len(request.graph.nodes),
+                        request.execution_s,
+                        request.unpatched_calls,
+                    )
                 )
         return events
 

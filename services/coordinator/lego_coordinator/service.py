@@ -59,6 +59,10 @@ class CoordinatorConfig:
     time_scale: float = 1.0  # the emulated workers' --time-scale: the profiles' priors are divided by it
 
 
+# a worker's model events that a batch waited for beyond its execution (not control-plane overhead)
+WAITS_BEYOND_EXECUTION = ("prefetch", "load", "lora_wait")
+
+
 def build_scheduler(config: CoordinatorConfig) -> core.Scheduler:
     directory = config.profile_dir or default_profile_dir()
     costs = CostModel(ProfileSet(directory), load_batch_sizes(directory), time_scale=config.time_scale)
@@ -87,6 +91,7 @@ def _batch_message(dispatch: core.Dispatch, epoch: int) -> coordinator_pb2.Coord
             node_id=task.node.id,
             outputs=list(task.node.outputs),
             state_key=task.node.state_key,
+            patches_optional=task.node.patches_optional,
         )
         for name, value in task.inputs.items():
             message.inputs[name].CopyFrom(_value(value))
@@ -105,7 +110,11 @@ def _event_message(event: core.Event) -> coordinator_pb2.RequestEvent:
             step=coordinator_pb2.StepProgress(step=event.step, total=event.total)
         )
     if isinstance(event, core.RequestDone):
-        done = coordinator_pb2.RequestDone(nodes_executed=event.nodes_executed, execution_s=event.execution_s)
+        done = coordinator_pb2.RequestDone(
+            nodes_executed=event.nodes_executed,
+            execution_s=event.execution_s,
+            unpatched_calls=event.unpatched_calls,
+        )
         for name, handle in event.outputs.items():
             done.outputs[name].CopyFrom(_value(handle))
         return coordinator_pb2.RequestEvent(done=done)
@@ -401,14 +410,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             log.info(
                 "model_" + event.kind, worker_id=worker_id, model=event.model, seconds=round(event.seconds, 4)
             )
-        self.scheduler.set_loaded(worker_id, list(result.loaded_models))
+        self.scheduler.set_loaded(worker_id, list(result.loaded_models), list(result.loras))
+        for event in result.model_events:
+            if event.kind == "lora_fetch":
+                self.scheduler.costs.observe_lora_fetch(event.seconds)
         if result.error:
             log.warning("batch_failed", batch_id=result.batch_id, error=result.error)
             events = self.scheduler.fail_batch(result.batch_id, result.error)
         else:
             outputs = {r.task_id: {n: _tensor(h) for n, h in r.outputs.items()} for r in result.results}
-            loading_s = sum(e.seconds for e in result.model_events if e.kind in ("prefetch", "load"))
-            events = self.scheduler.complete(result.batch_id, outputs, now, result.execution_s, loading_s)
+            loading_s = sum(e.seconds for e in result.model_events if e.kind in WAITS_BEYOND_EXECUTION)
+            unpatched = frozenset(r.task_id for r in result.results if r.unpatched)
+            events = self.scheduler.complete(
+                result.batch_id, outputs, now, result.execution_s, loading_s, unpatched
+            )
         self._publish(events)
         self.pump()
         dead = [  # inline scalars (with their data) are held by no data engine

@@ -243,6 +243,7 @@ class GatewayCore:
             done.nodes_executed,
             done.execution_s,
             tracked.slo_s,
+            done.unpatched_calls,
         )
 
     async def _release(self, request_id: str) -> None:

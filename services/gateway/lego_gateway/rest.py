@@ -79,6 +79,7 @@ class ImageJson(BaseModel):
     width: int
     height: int
     latency_s: float
+    unpatched_calls: int = 0  # denoiser calls run before their LoRA had loaded (async LoRA loading)
 
 
 def message_json(message: Message) -> dict[str, Any]:
@@ -262,7 +263,11 @@ def build_rest_app(core: GatewayCore, limits: GatewayLimits | None = None) -> Fa
 
 
 def image_response(result: Any, response_format: str) -> Response:
-    headers = {"X-Request-Id": result.request_id, "X-Latency-S": f"{result.latency_s:.4f}"}
+    headers = {
+        "X-Request-Id": result.request_id,
+        "X-Latency-S": f"{result.latency_s:.4f}",
+        "X-Unpatched-Calls": str(result.unpatched_calls),
+    }
     if response_format == "b64_json":
         body = ImageJson(
             request_id=result.request_id,
@@ -270,6 +275,7 @@ def image_response(result: Any, response_format: str) -> Response:
             width=result.width,
             height=result.height,
             latency_s=round(result.latency_s, 4),
+            unpatched_calls=result.unpatched_calls,
         )
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(result.png, media_type="image/png", headers=headers)

@@ -48,6 +48,7 @@ def generate_reply(result: GenerateResult) -> gateway_pb2.GenerateReply:
         nodes_executed=result.nodes_executed,
         execution_s=result.execution_s,
         slo_s=result.slo_s,
+        unpatched_calls=result.unpatched_calls,
     )
 
 

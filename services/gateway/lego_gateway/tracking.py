@@ -36,6 +36,7 @@ class GenerateResult:
     nodes_executed: int
     execution_s: float
     slo_s: float = 0.0
+    unpatched_calls: int = 0  # denoiser calls that ran before their LoRA had loaded
 
 
 @dataclass

@@ -5,6 +5,8 @@ from lego.service_main import add_model_roots_flag, base_parser, run_service
 from lego.store import ClusterStore
 
 from lego_worker.agent import DRAIN_TIMEOUT_S, WorkerConfig, WorkerService, serve
+from lego_worker.emulated_backend import LORA_FETCH_MEDIAN_S
+from lego_worker.lora_loads import DEFAULT_CAPACITY
 
 
 class DrainOnStop:
@@ -32,6 +34,8 @@ async def _start(store: ClusterStore, args: argparse.Namespace) -> DrainOnStop:
         memory_bytes=int(args.memory_gb * 10**9),
         model_roots=args.model_roots,
         embedding_cache_bytes=int(args.embedding_cache_mb * 2**20),
+        lora_fetch_s=args.lora_fetch_s,
+        lora_capacity=args.lora_capacity,
     )
     service = await serve(store, args.dataengine, args.host, args.port, config)
     return DrainOnStop(service, args.drain_timeout_s)
@@ -54,6 +58,33 @@ def add_backend_flags(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="exact text-embedding cache shared by all workflows, LRU in this many MiB (default 0: off)",
     )
+    parser.add_argument(
+        "--lora-fetch-s",
+        type=_non_negative,
+        default=None,
+        help=f"emulated: median seconds of a LoRA fetch (log-normal; default {LORA_FETCH_MEDIAN_S}); "
+        "torch: a fetch takes at least this long (a slow LoRA store; default: the disk's speed)",
+    )
+    parser.add_argument(
+        "--lora-capacity",
+        type=_positive_int,
+        default=DEFAULT_CAPACITY,
+        help=f"LoRAs a worker holds at once, least recently used dropped (default {DEFAULT_CAPACITY})",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value:g}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

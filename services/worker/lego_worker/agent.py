@@ -31,8 +31,9 @@ from lego.values import from_value
 
 from lego_worker.backend import Backend
 from lego_worker.embedding_cache import EmbeddingCache, EmbeddingCacheStats
-from lego_worker.emulated_backend import EmulatedBackend
+from lego_worker.emulated_backend import LORA_FETCH_MEDIAN_S, EmulatedBackend
 from lego_worker.executor import Executor
+from lego_worker.lora_loads import DEFAULT_CAPACITY, LoRAStats
 from lego_worker.parts import ArrivingParts, PartPublisher, receive
 from lego_worker.torch_backend import TorchBackend
 
@@ -65,20 +66,27 @@ class WorkerConfig:
     memory_bytes: int = 0  # device memory budget; 0: 80 GB emulated, 90 % of RAM on the CPU
     model_roots: str | None = None  # lego.model_sources: None reads LEGO_MODEL_ROOTS; "" allows all
     embedding_cache_bytes: int = 0  # exact text-embedding cache (lego_worker.embedding_cache); 0: off
+    # seconds a LoRA fetch takes: emulated, the median of its log-normal (None: 4.4 s, a production
+    # trace's); torch, at least this long (a remote LoRA store; None: as fast as the disk)
+    lora_fetch_s: float | None = None
+    lora_capacity: int = DEFAULT_CAPACITY  # LoRAs held at once, least recently used dropped
 
 
 def build_executor(config: WorkerConfig) -> Executor:
     backend: Backend
     if config.backend == "emulated":
-        backend = EmulatedBackend(ProfileSet(config.profile_dir or default_profile_dir()), config.time_scale)
+        profiles = ProfileSet(config.profile_dir or default_profile_dir())
+        fetch_s = LORA_FETCH_MEDIAN_S if config.lora_fetch_s is None else config.lora_fetch_s
+        backend = EmulatedBackend(profiles, config.time_scale, lora_fetch_median_s=fetch_s)
         budget = config.memory_bytes or EMULATED_DEVICE_BYTES
     elif config.backend == "torch":
-        backend = TorchBackend(config.device, SourcePolicy.from_env(config.model_roots))
+        policy = SourcePolicy.from_env(config.model_roots)
+        backend = TorchBackend(config.device, policy, lora_fetch_min_s=config.lora_fetch_s or 0.0)
         budget = config.memory_bytes or int(psutil.virtual_memory().total * 0.9)
     else:
         raise ValueError(f"backend must be 'torch' or 'emulated', got {config.backend!r}")
     embeddings = EmbeddingCache(config.embedding_cache_bytes) if config.embedding_cache_bytes else None
-    return Executor(backend, budget, embeddings)
+    return Executor(backend, budget, embeddings, config.lora_capacity)
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -376,12 +384,14 @@ class WorkerAgent:
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
             patches = tuple((p.source, p.scale) for p in batch.patches)
-            cached = self._cache_stats()
+            optional = all(task.patches_optional for task in batch.tasks)
+            cached, loras = self._cache_stats(), dataclasses.replace(self.executor.loras.stats)
             publisher = self._part_publisher(batch)
             outputs = await self.executor.run_async(
-                batch.op, batch.model, batch.mode, items, patches, publisher
+                batch.op, batch.model, batch.mode, items, patches, publisher, optional
             )
             self._count_cache(cached)
+            self._count_loras(loras)
             result.execution_s = self.executor.last_execution_s
             named = [
                 (task.task_id, name, f"{task.request_id}/{task.node_id}/{name}", produced[name])
@@ -390,7 +400,10 @@ class WorkerAgent:
             ]
             stored = [(tensor_id, array) for _, _, tensor_id, array in named if np.ndim(array) > 0]
             handles = iter(await self.data.put_many(stored))
-            results = {task.task_id: result.results.add(task_id=task.task_id) for task in batch.tasks}
+            results = {
+                task.task_id: result.results.add(task_id=task.task_id, unpatched=self.executor.last_unpatched)
+                for task in batch.tasks
+            }
             for task_id, name, tensor_id, array in named:
                 scalar = np.ndim(array) == 0
                 handle = tensors.inline_handle(tensor_id, array) if scalar else next(handles)
@@ -409,6 +422,7 @@ class WorkerAgent:
             result.model_events.add(model=event.model, kind=event.kind, seconds=event.seconds)
             metrics.MODEL_EVENTS.labels(worker_id=worker_id, model=event.model, kind=event.kind).inc()
         result.loaded_models.extend(self.executor.cache.resident())
+        result.loras.extend(self.executor.loras.held())
         return result
 
     async def _finish_parts(
@@ -441,6 +455,12 @@ class WorkerAgent:
         metrics.EMBEDDING_CACHE_MISSES.labels(worker_id=worker_id).inc(now.misses - before.misses)
         metrics.EMBEDDING_CACHE_SAVED.labels(worker_id=worker_id).inc(now.saved_s - before.saved_s)
         metrics.EMBEDDING_CACHE_BYTES.labels(worker_id=worker_id).set(embeddings.used_bytes)
+
+    def _count_loras(self, before: LoRAStats) -> None:
+        worker_id, now = self.config.worker_id, self.executor.loras.stats
+        metrics.LORA_FETCHES.labels(worker_id=worker_id).inc(now.fetches - before.fetches)
+        metrics.LORA_WAITS.labels(worker_id=worker_id).inc(now.waits - before.waits)
+        metrics.UNPATCHED_BATCHES.labels(worker_id=worker_id).inc(now.unpatched - before.unpatched)
 
     def _count_batch(self, batch: coordinator_pb2.TaskBatch, execution_s: float) -> None:
         worker_id = self.config.worker_id
@@ -475,6 +495,7 @@ class WorkerService:
 
     async def stop(self) -> None:
         await cancel_task(self._task)
+        self.agent.executor.loras.close()
         self.agent.data.close()
         with contextlib.suppress(Exception):
             await self.registration.close()

@@ -51,6 +51,14 @@ class Backend(Protocol):
 
     def host_models(self) -> list[str]: ...
 
+    def fetch_lora(self, source: str) -> float:
+        """A LoRA from its store into host memory, on a side thread while batches run; seconds spent."""
+        ...
+
+    def drop_lora(self, source: str) -> None:
+        """Forget a fetched LoRA (its adapters leave the models); called between batches."""
+        ...
+
     def run(
         self,
         op: str,

@@ -4,8 +4,11 @@ of emulated GPUs run on two cores; `time_scale` K makes everything Kx faster tha
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from collections.abc import Callable
+from statistics import NormalDist
 
 import numpy as np
 from lego.profiles import PROFILE_MODES, ProfileSet
@@ -15,6 +18,19 @@ from lego_worker.backend import Item, Outputs, PartSink, PatchSet
 VAE_SCALE_FACTOR = 8  # every profiled family's VAE
 TEXT_TOKENS, TEXT_HIDDEN = 77, 768
 BUILTIN = "builtin:"  # models without weights or a profile (the image preprocessor)
+# LoRA fetch times: log-normal around the median of a production trace (Katz, ATC'25: 4.4 s)
+LORA_FETCH_MEDIAN_S = 4.4
+LORA_FETCH_SIGMA = 0.5
+
+
+def lora_fetch_s(
+    source: str, median_s: float = LORA_FETCH_MEDIAN_S, sigma: float = LORA_FETCH_SIGMA
+) -> float:
+    """The emulated fetch time of a LoRA, at real time: drawn from the log-normal by the source's
+    hash, so a LoRA takes as long on every worker and in every run."""
+    digest = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "big")
+    quantile = (digest + 0.5) / 2**64
+    return median_s * math.exp(sigma * NormalDist().inv_cdf(quantile))
 
 
 def pixels_of(item: Item) -> int:
@@ -102,12 +118,19 @@ class EmulatedBackend:
     streams_parts = False  # placeholders travel whole: the profiles time a call as one unit
 
     def __init__(
-        self, profiles: ProfileSet, time_scale: float = 1.0, sleep: Callable[[float], None] = time.sleep
+        self,
+        profiles: ProfileSet,
+        time_scale: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+        lora_fetch_median_s: float = LORA_FETCH_MEDIAN_S,
     ) -> None:
         if time_scale <= 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
+        if lora_fetch_median_s < 0:
+            raise ValueError(f"lora_fetch_median_s must be ≥ 0, got {lora_fetch_median_s}")
         self.profiles = profiles
         self.time_scale = time_scale
+        self.lora_fetch_median_s = lora_fetch_median_s
         self._sleep = sleep
         self._host: set[str] = set()
 
@@ -146,6 +169,12 @@ class EmulatedBackend:
 
     def host_models(self) -> list[str]:
         return sorted(self._host)
+
+    def fetch_lora(self, source: str) -> float:
+        return self._wait(lora_fetch_s(source, self.lora_fetch_median_s))
+
+    def drop_lora(self, source: str) -> None:
+        return None
 
     def execution_s(self, op: str, model_id: str, mode: str, items: list[Item]) -> float:
         """Profiled seconds for this batch at real time (before the time scale)."""

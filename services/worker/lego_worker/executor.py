@@ -1,10 +1,13 @@
 """Runs batches on one device: makes the model resident first (LRU eviction under the memory
 budget), pins it while it runs, and keeps the worker's metrics and model events. With an embedding
-cache, text-encoder items it holds are answered from it and only the rest run."""
+cache, text-encoder items it holds are answered from it and only the rest run. A batch's LoRAs are
+fetched on a side thread (lego_worker.lora_loads): a batch that may run without them does so while
+they load; any other waits for them."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -17,12 +20,14 @@ from lego.device_cache import DeviceCache
 from lego_worker.backend import Backend, Item, Outputs, PartSink, PatchSet
 from lego_worker.embedding_cache import EmbeddingCache, Key
 from lego_worker.emulated_backend import EmulatedBackend
+from lego_worker.lora_loads import DEFAULT_CAPACITY, LoRALoads
 
 
 @dataclass(frozen=True)
 class ModelEvent:
-    model: str
-    kind: str  # "prefetch", "load", "evict"
+    model: str  # a model id, or a LoRA source for "lora_wait"
+    # "prefetch", "load", "evict"; "lora_fetch" (a LoRA fetched), "lora_wait" (a batch waited for one)
+    kind: str
     seconds: float
 
 
@@ -51,11 +56,17 @@ class _Lookup:
 
 class Executor:
     def __init__(
-        self, backend: Backend, memory_budget_bytes: int, embeddings: EmbeddingCache | None = None
+        self,
+        backend: Backend,
+        memory_budget_bytes: int,
+        embeddings: EmbeddingCache | None = None,
+        lora_capacity: int = DEFAULT_CAPACITY,
     ) -> None:
         self.backend = backend
         self.cache = DeviceCache(memory_budget_bytes)
         self.embeddings = embeddings
+        self.loras = LoRALoads(backend.fetch_lora, backend.drop_lora, lora_capacity, self._fetched)
+        self.last_unpatched = False  # the last batch ran without some of its patches
         self.metrics = WorkerMetrics()
         self._events: list[ModelEvent] = []
         self._lock = threading.Lock()  # one device: one batch or model move at a time
@@ -125,6 +136,30 @@ class Executor:
                 self.embeddings.put(key, outputs, self.last_execution_s / len(misses))
         return [outputs for outputs in found if outputs is not None]
 
+    def _patches_now(
+        self, patches: PatchSet, optional: bool
+    ) -> tuple[PatchSet, list[concurrent.futures.Future[float]]]:
+        """The patches a batch runs with, and the LoRA fetches it must wait for first: with
+        `optional`, only the patches already fetched and nothing to wait for."""
+        self.last_unpatched = False
+        missing = self.loras.request(patches) if patches else []
+        if not missing:
+            return patches, []
+        if not optional:
+            self.loras.stats.waits += 1
+            return patches, [future for _, future in missing]
+        absent = {source for source, _ in missing}
+        self.last_unpatched = True
+        self.loras.stats.unpatched += 1
+        return tuple(patch for patch in patches if patch[0] not in absent), []
+
+    def _fetched(self, source: str, seconds: float) -> None:  # the fetch thread: list.append is atomic
+        self._events.append(ModelEvent(source, "lora_fetch", seconds))
+
+    def _waited(self, patches: PatchSet, seconds: float) -> None:
+        for source, _ in patches:
+            self._events.append(ModelEvent(source, "lora_wait", seconds))
+
     def _count(self, items: int) -> None:
         self.metrics.busy_s += self.last_execution_s
         self.metrics.batches += 1
@@ -138,14 +173,22 @@ class Executor:
         items: list[Item],
         patches: PatchSet = (),
         parts: PartSink | None = None,
+        patches_optional: bool = False,
     ) -> list[Outputs]:
-        """One batch; a backend that streams hands the parts of streamed outputs to `parts`."""
+        """One batch; a backend that streams hands the parts of streamed outputs to `parts`. With
+        `patches_optional` it runs at once without the patches still loading (`last_unpatched`)."""
         with self._lock:
             lookup = self._lookup(op, model_id, mode, items, patches)
             misses = [items[index] for index in lookup.misses]
             self.last_execution_s = 0.0
             if not misses:  # every item was a hit: the model is not even needed
                 return self._answer(lookup, [])
+            patches, fetches = self._patches_now(patches, patches_optional)
+            if fetches:  # synchronous loading: the device waits, as it would loading them itself
+                started = time.perf_counter()
+                for fetch in fetches:
+                    fetch.result()
+                self._waited(patches, time.perf_counter() - started)
             self._ensure_loaded(model_id)
             self.cache.pin(model_id)
             started = time.perf_counter()
@@ -165,16 +208,24 @@ class Executor:
         items: list[Item],
         patches: PatchSet = (),
         parts: PartSink | None = None,
+        patches_optional: bool = False,
     ) -> list[Outputs]:
         """`run` from an event loop: real backends compute on a thread; the emulated one waits on
         the loop itself (a thread hop per batch would cost more than many emulated calls take)."""
         if not isinstance(self.backend, EmulatedBackend):
-            return await asyncio.to_thread(self.run, op, model_id, mode, items, patches, parts)
+            return await asyncio.to_thread(
+                self.run, op, model_id, mode, items, patches, parts, patches_optional
+            )
         lookup = self._lookup(op, model_id, mode, items, patches)
         misses = [items[index] for index in lookup.misses]
         self.last_execution_s = 0.0
         if not misses:
             return self._answer(lookup, [])
+        patches, fetches = self._patches_now(patches, patches_optional)
+        if fetches:  # the worker runs one batch at a time: its queue waits too, as it would loading
+            started = time.perf_counter()
+            await asyncio.gather(*(asyncio.shield(asyncio.wrap_future(fetch)) for fetch in fetches))
+            self._waited(patches, time.perf_counter() - started)
         if model_id not in self.cache:
             await asyncio.to_thread(self.load, model_id)
         async with self._device():

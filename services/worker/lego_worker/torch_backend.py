@@ -28,8 +28,12 @@ class TorchBackend:
     name = "torch"
     streams_parts = True  # ControlNets publish their block samples while they run (lego_worker.parts)
 
-    def __init__(self, device: str = "cpu", policy: SourcePolicy | None = None) -> None:
+    def __init__(
+        self, device: str = "cpu", policy: SourcePolicy | None = None, lora_fetch_min_s: float = 0.0
+    ) -> None:
         self.device = torch.device(device)
+        # a LoRA fetch takes at least this long: a remote LoRA store's speed, on a fast local disk
+        self.lora_fetch_min_s = lora_fetch_min_s
         self._loader = SourceLoader(policy)
         self._host: dict[str, Any] = {}
         self._patches = PatchState(policy)
@@ -74,6 +78,16 @@ class TorchBackend:
 
     def host_models(self) -> list[str]:
         return sorted(self._host)
+
+    def fetch_lora(self, source: str) -> float:
+        seconds = self._patches.fetch(source)
+        if seconds < self.lora_fetch_min_s:
+            time.sleep(self.lora_fetch_min_s - seconds)
+            return self.lora_fetch_min_s
+        return seconds
+
+    def drop_lora(self, source: str) -> None:
+        self._patches.drop(source)
 
     def run(
         self,
