@@ -17,6 +17,13 @@ both runs' busy device seconds, the cache's hit rate and the encoder seconds it 
 `--prompts zipf:distinct=N,s=S` gives each request its own prompt from a synthetic set with a known
 repetition structure (lego_cli.prompts); without it every request of a tenant sends the same prompt.
 The standalone runs that set the SLOs send prompts of their own, so a cache never shortens them.
+
+`--loras zipf:distinct=N,s=S` makes each request use one of N LoRAs (lego_cli.loras; the emulated
+workers fetch a LoRA they do not hold in `--lora-fetch-s` seconds, median of a log-normal, and keep
+`--lora-capacity` of them); the SLOs stay those of the workflows without LoRAs. `--opt async-lora`
+replays such runs again with bounded asynchronous loading (`--lora-async-steps` K: a loop's first K
+steps may run before its LoRA has loaded) and adds `lora_quality`, the image cost of K late steps
+measured with real tiny models (lego_cli.lora_quality).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +51,13 @@ from lego_coordinator.service import CoordinatorConfig
 from lego_coordinator.simulator import Outcome, summarize
 from lego_worker.agent import WorkerConfig, WorkerService
 from lego_worker.embedding_cache import EmbeddingCacheStats
+from lego_worker.emulated_backend import LORA_FETCH_MEDIAN_S
+from lego_worker.lora_loads import DEFAULT_CAPACITY as DEFAULT_LORA_CAPACITY
+from lego_worker.lora_loads import LoRAStats
 
+from lego_cli import lora_quality
 from lego_cli.cluster import EmbeddedCluster
+from lego_cli.loras import assign_loras, parse_lora_mix, with_loras
 from lego_cli.plot import attainment_plot
 from lego_cli.prompts import draw_prompts, parse_prompt_set, repeat_share
 from lego_cli.sim import TARGET, add_workload_flags, arrivals_of, load_workload, policies_of
@@ -52,9 +65,10 @@ from lego_cli.workloads import Workload, warmup_of
 
 UNBOUNDED_SLO_MS = 3_600_000.0  # the standalone runs must not be dropped while their models load
 STANDALONE_RUNS = 2  # the first run of a workflow loads its models; the last is its standalone latency
-OPTIMISATIONS = ("embed-cache",)
-NOT_BUILT = ("approx-cache", "async-lora")  # issue #11's other two: not implemented yet
+OPTIMISATIONS = ("embed-cache", "async-lora")
+NOT_BUILT = ("approx-cache",)  # issue #11's approximate caching: not implemented yet
 DEFAULT_EMBEDDING_CACHE_MB = 256.0
+DEFAULT_LORA_ASYNC_STEPS = 8
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -69,13 +83,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"replay each run without and with these optimisations: {', '.join(OPTIMISATIONS)}",
     )
     parser.add_argument(
-        "--prompts", type=_prompt_set, default="", help="a prompt per request: zipf:distinct=N,s=S[,seed=K]"
+        "--prompts",
+        type=_zipf_flag(parse_prompt_set),
+        default="",
+        help="a prompt per request: zipf:distinct=N,s=S[,seed=K]",
     )
     parser.add_argument(
         "--embedding-cache-mb",
         type=float,
         default=DEFAULT_EMBEDDING_CACHE_MB,
         help=f"the embedding cache's size under --opt embed-cache (default {DEFAULT_EMBEDDING_CACHE_MB:g})",
+    )
+    parser.add_argument(
+        "--loras",
+        type=_zipf_flag(parse_lora_mix),
+        default="",
+        help="a LoRA per request: zipf:distinct=N,s=S[,seed=K]",
+    )
+    parser.add_argument(
+        "--lora-async-steps",
+        type=int,
+        default=DEFAULT_LORA_ASYNC_STEPS,
+        help=f"--opt async-lora: steps run before a LoRA loads (default {DEFAULT_LORA_ASYNC_STEPS})",
+    )
+    parser.add_argument(
+        "--lora-fetch-s",
+        type=float,
+        default=LORA_FETCH_MEDIAN_S,
+        help=f"median seconds of an emulated LoRA fetch (default {LORA_FETCH_MEDIAN_S})",
+    )
+    parser.add_argument(
+        "--lora-capacity",
+        type=int,
+        default=DEFAULT_LORA_CAPACITY,
+        help=f"LoRAs each worker holds (default {DEFAULT_LORA_CAPACITY})",
     )
 
 
@@ -90,13 +131,30 @@ def optimisations_of(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def _prompt_set(text: str) -> str:
-    try:
-        if text:
-            parse_prompt_set(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+def check_lora_flags(args: argparse.Namespace) -> None:
+    """Errors name the flag, its limit and the value."""
+    if "async-lora" in args.opt and not args.loras:
+        raise ValueError("--opt async-lora needs --loras zipf:distinct=N,s=S: requests that use LoRAs")
+    if args.lora_async_steps < 1:
+        raise ValueError(f"--lora-async-steps must be ≥ 1, got {args.lora_async_steps}")
+    if args.lora_fetch_s < 0:
+        raise ValueError(f"--lora-fetch-s must be ≥ 0, got {args.lora_fetch_s:g}")
+    if args.lora_capacity < 1:
+        raise ValueError(f"--lora-capacity must be ≥ 1, got {args.lora_capacity}")
+
+
+def _zipf_flag(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type for a Zipf spec flag (empty: not given): `parse`'s errors as usage errors."""
+
+    def check(text: str) -> str:
+        try:
+            if text:
+                parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return check
 
 
 async def _register(cluster: EmbeddedCluster, chosen: Workload) -> dict[str, str]:
@@ -151,22 +209,22 @@ async def _one(
     slo_s: float,
     at: float,
     scale: float,
-) -> tuple[Outcome, float, str]:
-    """Send at wall time `at`; the outcome in emulated time, how late the send was and, if it
-    failed, the gateway's message."""
+) -> tuple[Outcome, float, str, int]:
+    """Send at wall time `at`; the outcome in emulated time, how late the send was, the gateway's
+    message if it failed, and the denoiser calls that ran before their LoRA had loaded."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     sent = time.perf_counter()
     outcome = Outcome(workflow, (sent - at) * scale, slo_s * scale)
     try:
-        await client.generate(workflow, inputs, slo_ms=slo_s * 1000, request_id=uuid.uuid4().hex)
+        image = await client.generate(workflow, inputs, slo_ms=slo_s * 1000, request_id=uuid.uuid4().hex)
         outcome.latency_s = (time.perf_counter() - sent) * scale
     except LegoError as error:
         outcome.failure = {
             grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
             grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
         }.get(error.code, error.code.name.lower())
-        return outcome, sent - at, error.message
-    return outcome, sent - at, ""
+        return outcome, sent - at, error.message, 0
+    return outcome, sent - at, "", image.unpatched_calls
 
 
 async def _replay_run(
@@ -177,7 +235,7 @@ async def _replay_run(
     slo_s: dict[str, float],
     scale: float,
     prompts: list[str] | None = None,
-) -> list[tuple[Outcome, float, str]]:
+) -> list[tuple[Outcome, float, str, int]]:
     """One open-loop replay of (arrival time, tenant) pairs, starting half a second from now; with
     `prompts`, request i sends prompts[i]."""
     start = time.perf_counter() + 0.5
@@ -198,6 +256,7 @@ class _Counters:
     loads: int
     busy_s: float
     cache: EmbeddingCacheStats
+    loras: LoRAStats
 
     @staticmethod
     def of(cluster: EmbeddedCluster) -> _Counters:
@@ -207,8 +266,13 @@ class _Counters:
             cache.hits += embeddings.stats.hits
             cache.misses += embeddings.stats.misses
             cache.saved_s += embeddings.stats.saved_s
+        loras = LoRAStats()
+        for stats in (e.loras.stats for e in executors):
+            loras.fetches += stats.fetches
+            loras.waits += stats.waits
+            loras.unpatched += stats.unpatched
         return _Counters(
-            sum(e.metrics.loads for e in executors), sum(e.metrics.busy_s for e in executors), cache
+            sum(e.metrics.loads for e in executors), sum(e.metrics.busy_s for e in executors), cache, loras
         )
 
     def since(self, before: _Counters, time_scale: float, cached: bool) -> dict[str, Any]:
@@ -218,10 +282,16 @@ class _Counters:
             "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
             "encoder_seconds_saved": round((self.cache.saved_s - before.cache.saved_s) * time_scale, 3),
         }
+        loras = {
+            "fetches": self.loras.fetches - before.loras.fetches,
+            "waiting_batches": self.loras.waits - before.loras.waits,
+            "unpatched_batches": self.loras.unpatched - before.loras.unpatched,
+        }
         return {
             "model_loads": self.loads - before.loads,
             "gpu_seconds": round((self.busy_s - before.busy_s) * time_scale, 3),
             "embedding_cache": cache if cached else None,
+            "lora_workers": loras,
         }
 
 
@@ -241,6 +311,8 @@ async def replay(
             time_scale=args.time_scale,
             profile_dir=args.profile,
             embedding_cache_bytes=cache_bytes,
+            lora_fetch_s=args.lora_fetch_s,
+            lora_capacity=args.lora_capacity,
         ),
         coordinator_config=CoordinatorConfig(
             policy=policy,
@@ -251,33 +323,42 @@ async def replay(
         ),
     )
     results = []
+    served = chosen
+    if args.loras:  # each tenant's workflow with each LoRA of the mix, asynchronous or not
+        async_steps = args.lora_async_steps if "async-lora" in opts else 0
+        served = with_loras(chosen, args.loras, async_steps)
     async with cluster, AsyncGatewayClient(cluster.gateway_address, timeout_s=3600) as client:
-        names = await _register(cluster, chosen)
+        names = await _register(cluster, served)
         prefetched = await _prefetch(cluster, chosen, policy)
-        standalone = await _standalone_s(client, names, chosen.inputs)
-        slo_s = {tenant: args.slo_factor * seconds for tenant, seconds in standalone.items()}
+        base = {tenant: names[tenant] for tenant in chosen.workflows}
+        standalone = await _standalone_s(client, base, chosen.inputs)
+        # a LoRA variant keeps its tenant's SLO: the LoRA's fetch is what the optimisation hides
+        slo_s = {tenant: args.slo_factor * standalone[tenant.split("+")[0]] for tenant in served.workflows}
         unbounded = dict.fromkeys(slo_s, UNBOUNDED_SLO_MS / 1000)
         for scale, requests in runs:
             if args.duration > 0:
                 requests = [r for r in requests if r.time_s <= args.duration]
             tenants = [a.workflow for a in arrivals_of(requests, chosen, args)]
+            if args.loras:
+                tenants = assign_loras(args.loras, tenants)
             arrivals = [(r.time_s, tenant) for r, tenant in zip(requests, tenants, strict=True)]
             warmup = warmup_of(arrivals, sorted(chosen.workflows), args.warmup)
-            await _replay_run(client, names, chosen, warmup, unbounded, args.time_scale)
+            await _replay_run(client, names, served, warmup, unbounded, args.time_scale)
             prompts = draw_prompts(args.prompts, len(arrivals)) if args.prompts else None
             before = _Counters.of(cluster)
-            answered = await _replay_run(client, names, chosen, arrivals, slo_s, args.time_scale, prompts)
+            answered = await _replay_run(client, names, served, arrivals, slo_s, args.time_scale, prompts)
             counted = _Counters.of(cluster).since(before, args.time_scale, cached=cache_bytes > 0)
-            lags = sorted(lag for _, lag, _ in answered)
+            lags = sorted(lag for _, lag, _, _ in answered)
+            unpatched = [calls for outcome, _, _, calls in answered if not outcome.failure]
             first_messages: dict[str, str] = {}
-            for outcome, _, message in answered:
+            for outcome, _, message, _ in answered:
                 if outcome.failure:
                     first_messages.setdefault(outcome.failure, message)
             results.append(
                 {"policy": policy, "rs": scale, "opt": "+".join(opts) or "none"}
-                | summarize([outcome for outcome, _, _ in answered])
+                | summarize([outcome for outcome, _, _, _ in answered])
                 | {
-                    "failures": dict(Counter(o.failure for o, _, _ in answered if o.failure)),
+                    "failures": dict(Counter(o.failure for o, _, _, _ in answered if o.failure)),
                     "first_failure_messages": first_messages,
                     "standalone_s": {names[t]: round(s * args.time_scale, 4) for t, s in standalone.items()},
                     "warmup_requests": len(warmup),
@@ -287,6 +368,9 @@ async def replay(
                     else None,
                     "generator_lag_max_ms": round(1000 * lags[-1], 2) if lags else None,
                     "prompt_repeat_share": round(repeat_share(prompts), 4) if prompts else None,
+                    "lora": _lora_figures(args, opts, unpatched) | counted.pop("lora_workers")
+                    if args.loras
+                    else None,
                 }
                 | counted
             )
@@ -294,7 +378,21 @@ async def replay(
     return results
 
 
+def _lora_figures(args: argparse.Namespace, opts: tuple[str, ...], unpatched: list[int]) -> dict[str, Any]:
+    return {
+        "mix": args.loras,
+        "async_steps": args.lora_async_steps if "async-lora" in opts else 0,
+        "fetch_median_s": args.lora_fetch_s,
+        "requests_unpatched": sum(1 for calls in unpatched if calls),
+        "unpatched_calls_per_request": round(sum(unpatched) / len(unpatched), 3) if unpatched else None,
+    }
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        check_lora_flags(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     policies = policies_of(args.policy)
     chosen, runs = load_workload(args)
     results: list[dict[str, Any]] = []
@@ -317,6 +415,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_rs_at_90": max_rs,
         "runs": results,
     } | ({"speedup": speedups} if args.opt else {})
+    if "async-lora" in args.opt:
+        steps = int(next(iter(chosen.inputs.values())).get("steps", 28))
+        bound = min(args.lora_async_steps, steps)
+        bounds = sorted({max(1, bound // 4), max(1, bound // 2), bound})
+        figures["lora_quality"] = asyncio.run(lora_quality.measure(steps, bounds))
     return figures | results[0] if len(results) == 1 else figures  # one run: its figures at the top
 
 
@@ -332,6 +435,7 @@ def _speedup(base: dict[str, Any], optimised: dict[str, Any]) -> dict[str, Any]:
         "slo_attainment": {"baseline": base["slo_attainment"], "optimised": optimised["slo_attainment"]},
         "embedding_cache": optimised["embedding_cache"],
         "prompt_repeat_share": optimised["prompt_repeat_share"],
+        "lora": {"baseline": base["lora"], "optimised": optimised["lora"]} if base["lora"] else None,
     }
 
 

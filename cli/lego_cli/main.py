@@ -73,6 +73,7 @@ def _write_result(out: str, image: GeneratedImage) -> None:
         "request_id": image.request_id,
         "latency_s": round(image.latency_s, 4),
         "nodes_executed": image.nodes_executed,
+        "unpatched_calls": image.unpatched_calls,
         "size": [image.width, image.height],
     }
     print(json.dumps(summary), flush=True)

@@ -31,36 +31,44 @@ def prompt(index: int) -> str:
     return f"{style} of {subject} {setting}"
 
 
-def parse_prompt_set(spec: str) -> tuple[int, float, int]:
+def parse_zipf(spec: str, what: str = "prompt set", limit: int = MAX_DISTINCT) -> tuple[int, float, int]:
     """`zipf:distinct=N,s=S,seed=K` → (N, S, K); errors name the field, its limit and the value."""
     match = re.fullmatch(r"zipf:(.*)", spec)
     if match is None:
-        raise ValueError(f"prompt set {spec!r}: expected zipf:distinct=N,s=S[,seed=K]")
+        raise ValueError(f"{what} {spec!r}: expected zipf:distinct=N,s=S[,seed=K]")
     fields: dict[str, str] = {}
     for part in filter(None, match.group(1).split(",")):
         name, _, value = part.partition("=")
         if name not in ("distinct", "s", "seed"):
-            raise ValueError(f"prompt set {spec!r}: unknown field {name!r} (distinct, s, seed)")
+            raise ValueError(f"{what} {spec!r}: unknown field {name!r} (distinct, s, seed)")
         fields[name] = value
     try:
         distinct, exponent, seed = int(fields["distinct"]), float(fields["s"]), int(fields.get("seed", "0"))
     except KeyError as missing:
-        raise ValueError(f"prompt set {spec!r}: {missing.args[0]} is required") from None
+        raise ValueError(f"{what} {spec!r}: {missing.args[0]} is required") from None
     except ValueError:
-        raise ValueError(f"prompt set {spec!r}: distinct and seed are integers, s a number") from None
-    if not 1 <= distinct <= MAX_DISTINCT:
-        raise ValueError(f"prompt set {spec!r}: distinct must be in [1, {MAX_DISTINCT}], got {distinct}")
+        raise ValueError(f"{what} {spec!r}: distinct and seed are integers, s a number") from None
+    if not 1 <= distinct <= limit:
+        raise ValueError(f"{what} {spec!r}: distinct must be in [1, {limit}], got {distinct}")
     if exponent < 0:
-        raise ValueError(f"prompt set {spec!r}: s must be >= 0, got {exponent}")
+        raise ValueError(f"{what} {spec!r}: s must be >= 0, got {exponent}")
     return distinct, exponent, seed
+
+
+def parse_prompt_set(spec: str) -> tuple[int, float, int]:
+    return parse_zipf(spec)
+
+
+def draw_ranks(spec: str, count: int, what: str = "prompt set", limit: int = MAX_DISTINCT) -> list[int]:
+    """`count` ranks in [0, distinct) drawn from the Zipf law `spec` (rank i ∝ 1 / (i + 1)^s)."""
+    distinct, exponent, seed = parse_zipf(spec, what, limit)
+    weights = [1.0 / (rank + 1) ** exponent for rank in range(distinct)]
+    return random.Random(seed).choices(range(distinct), weights=weights, k=count)
 
 
 def draw_prompts(spec: str, count: int) -> list[str]:
     """`count` prompts drawn from the set `spec` (see the module's docstring)."""
-    distinct, exponent, seed = parse_prompt_set(spec)
-    weights = [1.0 / (rank + 1) ** exponent for rank in range(distinct)]
-    texts = [prompt(rank) for rank in range(distinct)]
-    return random.Random(seed).choices(texts, weights=weights, k=count)
+    return [prompt(rank) for rank in draw_ranks(spec, count)]
 
 
 def repeat_share(prompts: list[str]) -> float:

@@ -13,6 +13,14 @@ from lego_cli.main import main
 LIGHT_TRACE = "A 0.0\nB 0.0\nA 4.0\nC 4.0\nA 4.0\nB 4.0\n"
 
 
+def light_bench(tmp_path: Path) -> tuple[list[str], Path]:
+    """`lego bench slo` on LIGHT_TRACE with the sd15 family on 2 workers, and its JSON's path."""
+    trace = tmp_path / "trace.txt"
+    trace.write_text(LIGHT_TRACE)
+    argv = ["bench", "slo", "--trace", str(trace), "--family", "sd15", "--workers", "2", "--time-scale", "2"]
+    return argv, tmp_path / "slo.json"
+
+
 def test_a_short_trace_replays_on_time_and_reports_slo_figures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -36,10 +44,7 @@ def test_a_short_trace_replays_on_time_and_reports_slo_figures(
 def test_the_embedding_cache_is_measured_against_a_baseline_in_the_same_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    trace = tmp_path / "trace.txt"
-    trace.write_text(LIGHT_TRACE)
-    out = tmp_path / "slo.json"
-    argv = ["bench", "slo", "--trace", str(trace), "--family", "sd15", "--workers", "2", "--time-scale", "2"]
+    argv, out = light_bench(tmp_path)
     options = [
         "--warmup",
         "1",
@@ -60,3 +65,34 @@ def test_the_embedding_cache_is_measured_against_a_baseline_in_the_same_run(
     )
     assert 0 < speedup["prompt_repeat_share"] < 1 and speedup["p50_speedup"] > 0
     assert speedup["gpu_seconds"]["baseline"] > 0 and speedup["gpu_seconds"]["optimised"] > 0
+
+
+def test_async_lora_loading_is_measured_against_synchronous_loading_with_its_quality_cost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, out = light_bench(tmp_path)
+    options = ["--warmup", "1", "--opt", "async-lora", "--loras", "zipf:distinct=50,s=0"]
+    bound = ["--lora-capacity", "1", "--lora-async-steps", "10", "--lora-fetch-s", "2", "--json", str(out)]
+    assert main([*argv, *options, *bound]) == 0
+    figures = json.loads(out.read_text())
+    assert [run["opt"] for run in figures["runs"]] == ["none", "async-lora"]
+    [speedup] = figures["speedup"]
+    synchronous, asynchronous = speedup["lora"]["baseline"], speedup["lora"]["optimised"]
+    # requests drew LoRAs the workers did not hold: synchronous loading waited for them ...
+    assert synchronous["fetches"] > 0 and synchronous["waiting_batches"] > 0
+    assert synchronous["requests_unpatched"] == 0 and synchronous["unpatched_batches"] == 0
+    # ... asynchronous loading ran up to K steps of each branch without them meanwhile
+    assert asynchronous["async_steps"] == 10 and asynchronous["requests_unpatched"] > 0
+    assert 0 < asynchronous["unpatched_calls_per_request"] <= 2 * 10
+    quality = figures["lora_quality"]
+    assert quality["steps"] == 50 and quality["pixel_mse_no_lora_vs_sync"] > 0
+    assert [entry["async_steps"] for entry in quality["by_async_steps"]] == [2, 5, 10]
+    for entry in quality["by_async_steps"]:
+        assert entry["unpatched_calls"] == 2 * entry["async_steps"]  # the slow store: the whole bound
+        assert entry["pixel_mse_late_vs_sync"] > 0
+
+
+def test_async_lora_needs_requests_that_use_loras() -> None:
+    argv = ["bench", "slo", "--trace", "poisson:rate=1,duration=5", "--family", "sd15", "--opt", "async-lora"]
+    with pytest.raises(SystemExit, match="--opt async-lora needs --loras"):
+        main(argv)

@@ -159,22 +159,29 @@ def test_a_bound_that_is_not_a_small_integer_is_refused_by_name() -> None:
     assert any("lora_async_steps must be an integer from 0 to 1000" in e for e in validate_spec(bad))
 
 
-def test_a_patched_batch_goes_to_the_worker_holding_its_lora_unless_it_may_start_without() -> None:
-    for async_steps, expected in ((0, "holder"), (100, "w0")):
-        scheduler = Scheduler(costs())
-        scheduler.add_worker("w0", host="h0")
-        scheduler.add_worker("holder", host="h0")
-        scheduler.set_loaded("holder", [], loras=["style.safetensors"])
-        scheduler.admit("r", "wf", graph(async_steps), 0.0)
-        placed = set()
-        for _ in range(3):  # text encoders and the scheduler's init, then the first UNet calls
-            for dispatch in scheduler.schedule(0.0).dispatches:
-                if dispatch.op == "unet":
-                    placed.add(dispatch.worker_id)
-                scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
-        assert expected in placed, (async_steps, placed)
-        if async_steps == 0:
-            assert placed == {"holder"}
+def unet_workers(async_steps: int, holder_queue_s: float = 0.0) -> set[str]:
+    """Where the first UNet calls of a request go when worker `holder` holds its LoRA (its queue
+    `holder_queue_s` seconds long) and `w0` does not."""
+    scheduler = Scheduler(costs())
+    scheduler.add_worker("w0", host="h0")
+    scheduler.add_worker("holder", host="h0")
+    scheduler.set_loaded("holder", [], loras=["style.safetensors"])
+    scheduler._workers["holder"].busy_until = holder_queue_s
+    scheduler.admit("r", "wf", graph(async_steps), 0.0)
+    placed = set()
+    for _ in range(3):  # text encoders and the scheduler's init, then the first UNet calls
+        for dispatch in scheduler.schedule(0.0).dispatches:
+            if dispatch.op == "unet":
+                placed.add(dispatch.worker_id)
+            scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
+    return placed
+
+
+def test_a_patched_batch_goes_to_the_worker_holding_its_lora_and_starts_its_fetch_where_it_runs() -> None:
+    assert unet_workers(0) == {"holder"}
+    assert unet_workers(100) == {"holder"}  # it could start anywhere, but later steps need the LoRA
+    # a holder busier than a fetch takes: the batch fetches the LoRA on w0 instead
+    assert unet_workers(0, holder_queue_s=60.0) == {"w0"}
 
 
 def test_the_request_reports_how_many_denoiser_calls_ran_unpatched() -> None:
@@ -191,3 +198,19 @@ def test_the_request_reports_how_many_denoiser_calls_ran_unpatched() -> None:
             events += scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01, 0.0, unpatched)
     [done] = [event for event in events if isinstance(event, RequestDone)]
     assert done.unpatched_calls == 4
+
+
+def test_the_benchmarks_lora_variants_are_valid_workflows_with_the_bound() -> None:
+    from lego_cli.loras import with_loras
+    from lego_cli.workloads import workload
+
+    served = with_loras(workload("sd15"), "zipf:distinct=3,s=1", async_steps=8)
+    assert sorted(served.workflows) == sorted(
+        ["A", "B", "C"] + [f"{tenant}+lora{rank}" for tenant in "ABC" for rank in range(3)]
+    )
+    variant = served.workflows["B+lora2"]
+    assert variant.name == "sd15-canny-lora2" and validate_spec(variant) == []
+    nodes = instantiate(variant, resolve_inputs(variant, served.inputs["B+lora2"])).nodes.values()
+    unets = [node for node in nodes if node.op == "unet"]
+    assert {node.patches for node in unets} == {(("emulated-lora/style-2.safetensors", 1.0),)}
+    assert sum(node.patches_optional for node in unets) == 8 * 2  # K iterations, both CFG branches

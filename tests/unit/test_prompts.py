@@ -44,8 +44,21 @@ def test_a_bad_prompt_set_names_the_field(spec: str, message: str) -> None:
 
 
 def test_only_built_optimisations_are_accepted() -> None:
-    assert optimisations_of("embed-cache") == ("embed-cache",)
-    with pytest.raises(argparse.ArgumentTypeError, match="async-lora is not implemented yet"):
-        optimisations_of("embed-cache,async-lora")
+    assert optimisations_of("embed-cache,async-lora") == ("embed-cache", "async-lora")
+    with pytest.raises(argparse.ArgumentTypeError, match="approx-cache is not implemented yet"):
+        optimisations_of("embed-cache,approx-cache")
     with pytest.raises(argparse.ArgumentTypeError, match="unknown optimisation 'fast'"):
         optimisations_of("fast")
+
+
+def test_a_lora_mix_names_its_own_limits_and_draws_the_same_variants_each_time() -> None:
+    from lego_cli.loras import MAX_LORAS, assign_loras, parse_lora_mix
+
+    assert parse_lora_mix("zipf:distinct=200,s=0.8") == 200
+    with pytest.raises(ValueError, match=f"LoRA mix .*distinct must be in \\[1, {MAX_LORAS}\\], got 5000"):
+        parse_lora_mix("zipf:distinct=5000,s=1")
+    tenants = ["A", "B", "C"] * 20
+    drawn = assign_loras("zipf:distinct=5,s=1,seed=3", tenants)
+    assert drawn == assign_loras("zipf:distinct=5,s=1,seed=3", tenants)
+    assert all(variant.startswith(f"{tenant}+lora") for variant, tenant in zip(drawn, tenants, strict=True))
+    assert {variant.split("+")[1] for variant in drawn} <= {f"lora{rank}" for rank in range(5)}

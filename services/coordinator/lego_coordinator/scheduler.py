@@ -562,6 +562,10 @@ class Scheduler:
                 spare -= 1
         return batches
 
+    def _lora_fetch_s(self, worker: _Worker, node: TaskNode) -> float:
+        missing = sum(1 for source, _ in node.patches if source not in worker.loras)
+        return missing * self.costs.lora_fetch_s()
+
     def _load_s(self, worker: _Worker, nodes: list[TaskNode]) -> float:
         """What the batch waits for on this worker before it runs: its model's load, and the fetch of
         LoRAs the worker lacks unless every node may start without them."""
@@ -569,12 +573,15 @@ class Scheduler:
         load = 0.0 if node.model in worker.loaded else self.costs.load_s(node.model)
         if all(member.patches_optional for member in nodes):
             return load
-        missing = sum(1 for source, _ in node.patches if source not in worker.loras)
-        return load + missing * self.costs.lora_fetch_s()
+        return load + self._lora_fetch_s(worker, node)
 
     def _cost(self, worker: _Worker, nodes: list[TaskNode], request_ids: list[str], now: float) -> float:
+        """A batch that may start without its LoRAs is still placed as if it waited for them: it
+        starts their fetch where it runs, and the loop's later steps need them there."""
         node = nodes[0]
         load = self._load_s(worker, nodes)
+        if all(member.patches_optional for member in nodes):
+            load += self._lora_fetch_s(worker, node)
         transfer = 0.0
         for member, request_id in zip(nodes, request_ids, strict=True):
             request = self._requests[request_id]
@@ -653,6 +660,7 @@ class Scheduler:
                     or successor in request.done
                     or node.deferred
                     or node.model not in worker.loaded
+                    or any(source not in worker.loras for source, _ in node.patches)
                     or request.state_workers.get(node.state_key, worker.worker_id) != worker.worker_id
                 ):
                     continue

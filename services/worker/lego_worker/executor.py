@@ -25,7 +25,7 @@ from lego_worker.lora_loads import DEFAULT_CAPACITY, LoRALoads
 
 @dataclass(frozen=True)
 class ModelEvent:
-    model: str  # a model id, or a LoRA source for "lora_wait"
+    model: str  # a model id; a LoRA source for "lora_fetch"; sources joined by "+" for "lora_wait"
     # "prefetch", "load", "evict"; "lora_fetch" (a LoRA fetched), "lora_wait" (a batch waited for one)
     kind: str
     seconds: float
@@ -157,8 +157,8 @@ class Executor:
         self._events.append(ModelEvent(source, "lora_fetch", seconds))
 
     def _waited(self, patches: PatchSet, seconds: float) -> None:
-        for source, _ in patches:
-            self._events.append(ModelEvent(source, "lora_wait", seconds))
+        """One event per wait (the coordinator adds up waits): its LoRAs' sources joined by '+'."""
+        self._events.append(ModelEvent("+".join(source for source, _ in patches), "lora_wait", seconds))
 
     def _count(self, items: int) -> None:
         self.metrics.busy_s += self.last_execution_s
