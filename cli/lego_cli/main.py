@@ -74,6 +74,7 @@ def _write_result(out: str, image: GeneratedImage) -> None:
         "latency_s": round(image.latency_s, 4),
         "nodes_executed": image.nodes_executed,
         "unpatched_calls": image.unpatched_calls,
+        "skipped_steps": image.skipped_steps,
         "size": [image.width, image.height],
     }
     print(json.dumps(summary), flush=True)

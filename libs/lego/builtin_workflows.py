@@ -64,6 +64,7 @@ def _sd15(
     default_size: int,
     loras: Sequence[LoRA] = (),
     lora_async_steps: int = 0,
+    approx_cache: bool = False,
     controlnet: str = "",  # a ControlNet model id
     img2img: bool = False,
     default_guidance: float = 7.5,
@@ -96,6 +97,7 @@ def _sd15(
             extra_iterations=1,  # SD 1.5's PNDM scheduler (PLMS) repeats one timestep
             loras=loras,
             lora_async_steps=lora_async_steps,
+            approx_cache=approx_cache,
             adapters=adapters,
             init_latents=init_latents,
             strength=strength,
@@ -111,10 +113,12 @@ def sd15_txt2img(
     default_size: int = 512,
     loras: Sequence[LoRA] = (),
     lora_async_steps: int = 0,
+    approx_cache: bool = False,
     default_guidance: float = 7.5,
 ) -> compiler_pb2.WorkflowSpec:
     """SD 1.5 text-to-image with classifier-free guidance (on when guidance_scale > 1); with
-    `lora_async_steps` K its first K steps may run before its LoRAs have loaded."""
+    `lora_async_steps` K its first K steps may run before its LoRAs have loaded; with
+    `approx_cache` a request may start from a similar earlier request's latent."""
     what = "with LoRA " if loras else ""
     return _sd15(
         name,
@@ -123,6 +127,7 @@ def sd15_txt2img(
         default_size=default_size,
         loras=loras,
         lora_async_steps=lora_async_steps,
+        approx_cache=approx_cache,
         default_guidance=default_guidance,
     )
 

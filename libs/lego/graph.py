@@ -5,13 +5,14 @@
   split into separate denoiser nodes, one ControlNet node per step and branch (its residuals a
   deferred input of that branch's denoiser call; an SD3 ControlNet's control image encoded with one
   copy per branch), img2img's start timestep from `strength`, dead nodes removed, depth from the
-  sinks, consumer counts.
+  sinks, consumer counts; for a loop with approximate caching, its `ApproxSite`.
+- `resume_from_cache`: the same graph started from a cached latent, its first iterations gone.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lego import operators
 from lego.errors import InvalidRequest
@@ -19,7 +20,15 @@ from lego.v1 import compiler_pb2
 from lego.validation import validate_spec
 from lego.values import Scalar, from_value
 
-__all__ = ["Ref", "RequestGraph", "TaskNode", "instantiate", "validate_spec"]
+__all__ = [
+    "ApproxSite",
+    "Ref",
+    "RequestGraph",
+    "TaskNode",
+    "instantiate",
+    "resume_from_cache",
+    "validate_spec",
+]
 
 # The most denoise iterations one request may unroll to (steps + extra iterations), whatever limits
 # the template declares (or if it declares none): a request must not make the coordinator build an
@@ -54,6 +63,25 @@ class TaskNode:
     # may run without those of its patches the worker has not loaded yet (they load meanwhile):
     # a denoise loop's first `lora_async_steps` iterations (bounded asynchronous LoRA loading)
     patches_optional: bool = False
+    # nodes that must finish first though it reads none of their outputs (an approximate-cache
+    # loop's init waits for the prompt's signature, which decides where the loop starts)
+    after: frozenset[str] = frozenset()
+    signature_of: str = ""  # an output the worker reports a signature of (approximate caching's key)
+
+
+@dataclass(frozen=True)
+class ApproxSite:
+    """A denoise loop with approximate caching, in one request's graph: where the lookup's
+    signature comes from, what a cached latent must match, and the nodes of each iteration."""
+
+    loop: str
+    init: str  # held (`after`) until the lookup has decided where the loop starts
+    encoder: str  # the prompt's text-encoder node: it reports the signature
+    # what requests must share for one's latents to serve another: the text encoder (the
+    # signature's space), denoiser, scheduler, LoRAs, steps, size and CFG on or off
+    context: str
+    steps: int
+    iterations: tuple[tuple[str, ...], ...]  # node ids of each iteration; its scheduler node last
 
 
 @dataclass
@@ -61,6 +89,7 @@ class RequestGraph:
     nodes: dict[str, TaskNode]  # in a topological order
     outputs: dict[str, Ref]
     consumers: dict[Ref, int] = field(default_factory=dict)
+    approx: ApproxSite | None = None
 
     def model_calls(self) -> int:
         return len(self.nodes)
@@ -82,6 +111,7 @@ def instantiate(spec: compiler_pb2.WorkflowSpec, request_inputs: dict[str, Scala
     """The graph of model calls for one request (its inputs already validated and defaulted)."""
     nodes: dict[str, TaskNode] = {}
     renamed: dict[Ref, Ref] = {}  # a template output → the request node that produces it
+    approx: ApproxSite | None = None  # the first loop with approximate caching
 
     def bind(binding: compiler_pb2.Binding) -> Ref | Scalar:
         value = _resolve(binding, request_inputs)
@@ -94,15 +124,16 @@ def instantiate(spec: compiler_pb2.WorkflowSpec, request_inputs: dict[str, Scala
                 (adapter.kind, adapter.model, {b.name: bind(b) for b in adapter.inputs})
                 for adapter in node.adapters
             ]
-            final = _unroll_denoise_loop(node, inputs, adapters, nodes)
+            final, site = _unroll_denoise_loop(node, inputs, adapters, nodes)
             renamed[Ref(node.id, "latents")] = final
+            approx = approx or site
         else:
             nodes[node.id] = TaskNode(node.id, node.op, node.model, node.mode, inputs, tuple(node.outputs))
     outputs = {
         o.name: renamed.get(Ref(o.source.node, o.source.output), Ref(o.source.node, o.source.output))
         for o in spec.outputs
     }
-    graph = RequestGraph(nodes=nodes, outputs=outputs)
+    graph = RequestGraph(nodes=nodes, outputs=outputs, approx=approx)
     eliminate_dead_nodes(graph)
     compute_depths(graph)
     count_consumers(graph)
@@ -211,7 +242,7 @@ def _unroll_denoise_loop(
     inputs: dict[str, Ref | Scalar],
     adapters: list[Adapter],
     nodes: dict[str, TaskNode],
-) -> Ref:
+) -> tuple[Ref, ApproxSite | None]:
     steps = inputs["steps"]
     guidance = inputs["guidance_scale"]
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
@@ -237,8 +268,10 @@ def _unroll_denoise_loop(
     init = _init_node(loop, inputs, steps, iterations, start, adapters, control_encode)
     nodes[init.id] = init
     previous = init.id
+    iteration_nodes: list[tuple[str, ...]] = []
     for step in range(iterations):
         prefix = f"{loop.id}/step{step}"
+        before = set(nodes)
 
         def denoiser(
             branch: str,
@@ -352,7 +385,70 @@ def _unroll_denoise_loop(
             total_steps=iterations,
         )
         previous = step_id
-    return Ref(previous, "latents")
+        iteration_nodes.append(tuple(n for n in nodes if n not in before))
+    final = Ref(previous, "latents")
+    if loop.attributes.get("approx_cache") != "1":
+        return final, None
+    return final, _approx_site(loop, inputs, nodes, init, patches, cfg, steps, tuple(iteration_nodes))
+
+
+def _approx_site(
+    loop: compiler_pb2.NodeSpec,
+    inputs: dict[str, Ref | Scalar],
+    nodes: dict[str, TaskNode],
+    init: TaskNode,
+    patches: tuple[tuple[str, float], ...],
+    cfg: bool,
+    steps: int,
+    iterations: tuple[tuple[str, ...], ...],
+) -> ApproxSite | None:
+    """The loop's approximate-cache site; its prompt encoder reports a signature (the pooled
+    embedding where the encoder has one) and its init waits for it."""
+    prompt = inputs["prompt_embeds"]
+    if not isinstance(prompt, Ref) or prompt.node not in nodes:
+        return None
+    encoder = nodes[prompt.node]
+    encoder.signature_of = "pooled" if "pooled" in encoder.outputs else prompt.output
+    init.after = frozenset({encoder.id})
+    shared = (encoder.model, loop.model, init.model, patches, steps, inputs["height"], inputs["width"])
+    context = "|".join(map(str, (*shared, "cfg" if cfg else "no-cfg")))
+    return ApproxSite(loop.id, init.id, encoder.id, context, steps, iterations)
+
+
+CACHED_LATENTS = Ref("approx-cache", "latents")  # not a node: the cached tensor a resumed loop reads
+RESUMED_MODES = {"init": "init_from_latents", "init_flow": "init_flow_from_latents"}
+
+
+def resume_from_cache(graph: RequestGraph, skip: int) -> RequestGraph:
+    """The graph whose approximate-cache loop skips its first `skip` iterations: its init starts at
+    timestep index `skip` from CACHED_LATENTS (a similar request's latent after `skip` iterations),
+    the next iteration reads the init's outputs, and steps count from there (as img2img's do)."""
+    site = graph.approx
+    if site is None or not 0 < skip < len(site.iterations):
+        raise ValueError(f"cannot skip {skip} iterations of {len(site.iterations) if site else 0}")
+    dropped = {node_id for iteration in site.iterations[:skip] for node_id in iteration}
+    last = site.iterations[skip - 1][-1]  # the scheduler node whose outputs iteration `skip` read
+    nodes: dict[str, TaskNode] = {}
+    for node_id, node in graph.nodes.items():
+        if node_id in dropped:
+            continue
+        inputs = {
+            name: Ref(site.init, value.output) if isinstance(value, Ref) and value.node == last else value
+            for name, value in node.inputs.items()
+        }
+        if node_id == site.init:
+            remaining = len(site.iterations) - skip
+            inputs |= {"cached_latents": CACHED_LATENTS, "first_index": skip, "iterations": remaining}
+            node = replace(node, mode=RESUMED_MODES[node.mode], after=frozenset())
+        elif node.step:
+            inputs["step_index"] = node.step - 1 - skip  # its step is its iteration's index + 1
+            node = replace(node, step=node.step - skip, total_steps=node.total_steps - skip)
+        nodes[node_id] = replace(node, inputs=inputs, depth=0)
+    resumed = RequestGraph(nodes=nodes, outputs=graph.outputs)
+    compute_depths(resumed)
+    count_consumers(resumed)
+    del resumed.consumers[CACHED_LATENTS]  # the cache holds it: no request frees it
+    return resumed
 
 
 def _refs(node: TaskNode) -> list[Ref]:
@@ -376,8 +472,9 @@ def compute_depths(graph: RequestGraph) -> None:
     for node in reversed(list(graph.nodes.values())):  # reverse topological order
         node.depth = max(node.depth, 1)
         for ref in _refs(node):
-            producer = graph.nodes[ref.node]
-            producer.depth = max(producer.depth, node.depth + 1)
+            producer = graph.nodes.get(ref.node)  # none: an input from outside (CACHED_LATENTS)
+            if producer is not None:
+                producer.depth = max(producer.depth, node.depth + 1)
 
 
 def count_consumers(graph: RequestGraph) -> None:

@@ -34,6 +34,13 @@ SLO_REQUESTS = Counter(
     "lego_slo_requests_total", "Finished requests by whether they met their SLO (rejections miss)", ["met"]
 )
 SLO_ATTAINMENT = Gauge("lego_slo_attainment", "Requests within their SLO / all requests, since start")
+APPROX_HITS = Counter(
+    "lego_approx_cache_hits_total", "Requests resumed from a similar request's cached latent"
+)
+APPROX_SKIPPED = Counter(
+    "lego_approx_cache_skipped_steps_total", "Denoise iterations approximate-cache hits skipped"
+)
+APPROX_BYTES = Gauge("lego_approx_cache_bytes", "Bytes of cached latents the approximate cache keeps")
 QUEUE_DEPTH = Gauge("lego_queue_depth", "Ready nodes waiting for a worker, by model", ["model"])
 QUEUE_DEPTH_TOTAL = Gauge("lego_queue_depth_total", "Ready nodes waiting for a worker (HPA metric)")
 WORKERS = Gauge("lego_workers", "Workers connected to this coordinator, by state", ["state"])

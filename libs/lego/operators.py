@@ -77,6 +77,7 @@ _COMMON_TYPES = {
     "init_scaling": LATENT_SCALING,
     "init_latents": LATENT_DIST,
     "first_index": INT,
+    "cached_latents": LATENTS,
     "control_dist": LATENT_DIST,
     "control_scaling": LATENT_SCALING,
     "control_latents": LATENTS,
@@ -209,6 +210,14 @@ SIGNATURES: dict[str, dict[str, ModeSignature]] = {
         # then the noise, as FluxControlNetPipeline does
         "init_flow_from_image": _mode(  # FLUX.1 img2img
             (*_INIT_IN, "init_latents", "init_scaling", "first_index"), _SCHEDULER_OUT, stateful=True
+        ),
+        # approximate caching: resume at timestep index `first_index` from the latent a similar
+        # request had there (no noise added: it is already at that timestep's noise level)
+        "init_from_latents": _mode(
+            (*_INIT_IN, "cached_latents", "first_index"), _SCHEDULER_OUT, stateful=True
+        ),
+        "init_flow_from_latents": _mode(
+            (*_INIT_IN, "cached_latents", "first_index"), _SCHEDULER_OUT, stateful=True
         ),
         "init_flow_control": _mode(
             (*_INIT_IN, "control_dist", "control_scaling"),

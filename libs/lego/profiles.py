@@ -38,6 +38,8 @@ PROFILE_MODES = {
     ("vae", "encode"): "prepare_image",
     ("noise_scheduler", "init"): "init",
     ("noise_scheduler", "init_from_image"): "init",
+    ("noise_scheduler", "init_from_latents"): "init",
+    ("noise_scheduler", "init_flow_from_latents"): "init",
     ("noise_scheduler", "step"): "step",
     ("noise_scheduler", "cfg_step"): "step_classifier_free_guidance",
 }

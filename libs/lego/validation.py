@@ -24,6 +24,7 @@ LOOP_ATTRIBUTE_LIMITS = {
     "vae_scale_factor": (1, 4096),
     "extra_iterations": (0, 1000),
     "lora_async_steps": (0, 1000),  # lego.workflow.denoise_loop: steps that may run before a LoRA loads
+    "approx_cache": (0, 1),  # 1: requests may resume from a similar request's cached latent
 }
 # Names a caller sees again in keys, URLs, tensor ids and error messages: bounded (the gateway takes
 # workflow names of up to 256 characters).
@@ -208,6 +209,11 @@ class _Checker:
                     f"{where}: attribute {attribute} must be an integer from {low} to {high}, got {shown!r}"
                 )
         names = {b.name for b in node.inputs}
+        if node.attributes.get("approx_cache") == "1" and (node.adapters or "init_latents" in names):
+            self.errors.append(
+                f"{where}: approximate caching (approx_cache) is for text-to-image loops, "
+                "not with a ControlNet or img2img"
+            )
         guidance = node.attributes.get("guidance", "cfg")
         if guidance == "embedded":  # FLUX.1: no negative prompt; img2img optional
             present = self.groups(where, names, operators.DENOISE_LOOP_OPTIONAL_GROUPS[:1])

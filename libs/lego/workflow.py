@@ -311,6 +311,7 @@ def denoise_loop(
     extra_iterations: int = 0,
     loras: Sequence[LoRA] = (),
     lora_async_steps: int = 0,
+    approx_cache: bool = False,
     adapters: Sequence[AdapterUse] = (),
     init_latents: Handle | None = None,
     strength: Bindable | None = None,
@@ -330,6 +331,9 @@ def denoise_loop(
     `lora_async_steps=K` (bounded asynchronous LoRA loading): a worker that does not hold the LoRAs
     yet runs the loop's first K iterations without them while they load, and applies them from
     iteration K at the latest; K = 0 waits for them, so the image equals synchronous loading.
+    `approx_cache=True` (approximate caching, after NIRVANA): a request whose prompt embedding is
+    close to a finished request's starts from that request's latent after K iterations and runs
+    only the rest (more similar → larger K, at most half); text-to-image loops only.
     """
     inputs: dict[str, Any] = {"prompt_embeds": prompt_embeds}
     if guidance == "cfg":
@@ -359,6 +363,8 @@ def denoise_loop(
         attributes["guidance"] = guidance
     if lora_async_steps:
         attributes["lora_async_steps"] = str(lora_async_steps)
+    if approx_cache:
+        attributes["approx_cache"] = "1"
     if denoiser.op != "unet":
         attributes["denoiser_op"] = denoiser.op
     if (init_latents is None) != (strength is None):

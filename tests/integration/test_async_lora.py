@@ -26,10 +26,12 @@ SLOW_STORE_S = 3.0  # far longer than the tiny UNet's steps (tens of ms): the fi
 BRANCHES = 2  # CFG: a conditional and an unconditional UNet call per step
 
 
-async def generate(cluster: EmbeddedCluster, workflow: str) -> gateway_pb2.GenerateReply:
+async def generate(
+    cluster: EmbeddedCluster, workflow: str, settings: dict[str, Scalar] = SETTINGS
+) -> gateway_pb2.GenerateReply:
     async with channel(cluster.gateway_address) as chan:
         reply: gateway_pb2.GenerateReply = await gateway_pb2_grpc.GatewayStub(chan).Generate(
-            gateway_pb2.GenerateRequest(workflow=workflow, inputs=to_values(SETTINGS))
+            gateway_pb2.GenerateRequest(workflow=workflow, inputs=to_values(settings))
         )
         return reply
 

@@ -69,6 +69,7 @@ class GeneratedImage(_Record):
     execution_s: float = 0.0  # gRPC only
     slo_s: float = 0.0  # gRPC only
     unpatched_calls: int = 0  # denoiser calls run before their LoRA had loaded (async LoRA)
+    skipped_steps: int = 0  # denoise iterations an approximate-cache hit skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +157,7 @@ def generated_image(reply: gateway_pb2.GenerateReply) -> GeneratedImage:
         execution_s=reply.execution_s,
         slo_s=reply.slo_s,
         unpatched_calls=reply.unpatched_calls,
+        skipped_steps=reply.skipped_steps,
     )
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lego.v1 import common_pb2 as lego_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lego/v1/coordinator.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\"\xb8\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x32\n\x06inputs\x18\x03 \x03(\x0b\x32\".lego.v1.SubmitRequest.InputsEntry\x12\x0e\n\x06slo_ms\x18\x04 \x01(\x01\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\"s\n\x0bSubmitReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnode_count\x18\x02 \x01(\x05\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\x12\x12\n\nestimate_s\x18\x04 \x01(\x01\x12\x14\n\x0cstandalone_s\x18\x05 \x01(\x01\"7\n\x0cWatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bnode_events\x18\x02 \x01(\x08\"\x90\x02\n\x0cRequestEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06time_s\x18\x02 \x01(\x01\x12,\n\x0cnode_started\x18\x03 \x01(\x0b\x32\x14.lego.v1.NodeStartedH\x00\x12.\n\rnode_finished\x18\x04 \x01(\x0b\x32\x15.lego.v1.NodeFinishedH\x00\x12%\n\x04step\x18\x05 \x01(\x0b\x32\x15.lego.v1.StepProgressH\x00\x12$\n\x04\x64one\x18\x06 \x01(\x0b\x32\x14.lego.v1.RequestDoneH\x00\x12(\n\x06\x66\x61iled\x18\x07 \x01(\x0b\x32\x16.lego.v1.RequestFailedH\x00\x42\x07\n\x05\x65vent\"1\n\x0bNodeStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\x1f\n\x0cNodeFinished\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"+\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\"\xc7\x01\n\x0bRequestDone\x12\x32\n\x07outputs\x18\x01 \x03(\x0b\x32!.lego.v1.RequestDone.OutputsEntry\x12\x16\n\x0enodes_executed\x18\x02 \x01(\x05\x12\x13\n\x0b\x65xecution_s\x18\x03 \x01(\x01\x12\x17\n\x0funpatched_calls\x18\x04 \x01(\x05\x1a>\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\".\n\rRequestFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xa2\x01\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x61taengine_address\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x06 \x01(\x03\x12\x15\n\rloaded_models\x18\x07 \x03(\t\"\xe4\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12)\n\x06inputs\x18\x04 \x03(\x0b\x32\x19.lego.v1.Task.InputsEntry\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x11\n\tstate_key\x18\x06 \x01(\t\x12\x18\n\x10patches_optional\x18\x07 \x01(\x08\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\"\x94\x01\n\tTaskBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x1c\n\x05tasks\x18\x05 \x03(\x0b\x32\r.lego.v1.Task\x12\x1f\n\x07patches\x18\x06 \x03(\x0b\x32\x0e.lego.v1.Patch\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\"\x1d\n\x0cPreloadModel\x12\r\n\x05model\x18\x01 \x01(\t\"\xaa\x01\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x31\n\x07outputs\x18\x02 \x03(\x0b\x32 .lego.v1.TaskResult.OutputsEntry\x12\x11\n\tunpatched\x18\x03 \x01(\x08\x1a\x45\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.lego.v1.TensorHandle:\x02\x38\x01\"\xba\x01\n\x0b\x42\x61tchResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.lego.v1.TaskResult\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0b\x65xecution_s\x18\x04 \x01(\x01\x12\x15\n\rloaded_models\x18\x05 \x03(\t\x12)\n\x0cmodel_events\x18\x06 \x03(\x0b\x32\x13.lego.v1.ModelEvent\x12\r\n\x05loras\x18\x07 \x03(\t\":\n\nModelEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\r\n\x0b\x44rainWorker\"\x0e\n\x0cLeaveCluster\"\x90\x01\n\rWorkerMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.lego.v1.WorkerHelloH\x00\x12&\n\x06result\x18\x02 \x01(\x0b\x32\x14.lego.v1.BatchResultH\x00\x12%\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x14.lego.v1.DrainWorkerH\x00\x42\t\n\x07message\"\xc2\x01\n\x12\x43oordinatorMessage\x12#\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.lego.v1.TaskBatchH\x00\x12*\n\x07release\x18\x02 \x01(\x0b\x32\x17.lego.v1.ReleaseRequestH\x00\x12(\n\x07preload\x18\x03 \x01(\x0b\x32\x15.lego.v1.PreloadModelH\x00\x12&\n\x05leave\x18\x04 \x01(\x0b\x32\x15.lego.v1.LeaveClusterH\x00\x42\t\n\x07message\"i\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04\x62usy\x18\x03 \x01(\x08\x12\x15\n\rloaded_models\x18\x04 \x03(\t\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"\x8c\x01\n\x12\x43lusterStatusReply\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.lego.v1.WorkerStatus\x12\x1a\n\x12requests_in_flight\x18\x02 \x01(\x05\x12\x13\n\x0bready_tasks\x18\x03 \x01(\x05\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x32\xeb\x02\n\x0b\x43oordinator\x12\x36\n\x06Submit\x12\x16.lego.v1.SubmitRequest\x1a\x14.lego.v1.SubmitReply\x12\x37\n\x05Watch\x12\x15.lego.v1.WatchRequest\x1a\x15.lego.v1.RequestEvent0\x01\x12\x32\n\x07Release\x12\x17.lego.v1.ReleaseRequest\x1a\x0e.lego.v1.Empty\x12\x30\n\x06\x43\x61ncel\x12\x16.lego.v1.CancelRequest\x1a\x0e.lego.v1.Empty\x12<\n\rClusterStatus\x12\x0e.lego.v1.Empty\x1a\x1b.lego.v1.ClusterStatusReply\x12G\n\x0cWorkerStream\x12\x16.lego.v1.WorkerMessage\x1a\x1b.lego.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19lego/v1/coordinator.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\"\xb8\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x32\n\x06inputs\x18\x03 \x03(\x0b\x32\".lego.v1.SubmitRequest.InputsEntry\x12\x0e\n\x06slo_ms\x18\x04 \x01(\x01\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\"s\n\x0bSubmitReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnode_count\x18\x02 \x01(\x05\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\x12\x12\n\nestimate_s\x18\x04 \x01(\x01\x12\x14\n\x0cstandalone_s\x18\x05 \x01(\x01\"7\n\x0cWatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bnode_events\x18\x02 \x01(\x08\"\x90\x02\n\x0cRequestEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06time_s\x18\x02 \x01(\x01\x12,\n\x0cnode_started\x18\x03 \x01(\x0b\x32\x14.lego.v1.NodeStartedH\x00\x12.\n\rnode_finished\x18\x04 \x01(\x0b\x32\x15.lego.v1.NodeFinishedH\x00\x12%\n\x04step\x18\x05 \x01(\x0b\x32\x15.lego.v1.StepProgressH\x00\x12$\n\x04\x64one\x18\x06 \x01(\x0b\x32\x14.lego.v1.RequestDoneH\x00\x12(\n\x06\x66\x61iled\x18\x07 \x01(\x0b\x32\x16.lego.v1.RequestFailedH\x00\x42\x07\n\x05\x65vent\"1\n\x0bNodeStarted\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\x1f\n\x0cNodeFinished\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"+\n\x0cStepProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\"\xde\x01\n\x0bRequestDone\x12\x32\n\x07outputs\x18\x01 \x03(\x0b\x32!.lego.v1.RequestDone.OutputsEntry\x12\x16\n\x0enodes_executed\x18\x02 \x01(\x05\x12\x13\n\x0b\x65xecution_s\x18\x03 \x01(\x01\x12\x17\n\x0funpatched_calls\x18\x04 \x01(\x05\x12\x15\n\rskipped_steps\x18\x05 \x01(\x05\x1a>\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\".\n\rRequestFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xa2\x01\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x61taengine_address\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x06 \x01(\x03\x12\x15\n\rloaded_models\x18\x07 \x03(\t\"\xfa\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12)\n\x06inputs\x18\x04 \x03(\x0b\x32\x19.lego.v1.Task.InputsEntry\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x11\n\tstate_key\x18\x06 \x01(\t\x12\x18\n\x10patches_optional\x18\x07 \x01(\x08\x12\x14\n\x0csignature_of\x18\x08 \x01(\t\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\"\x94\x01\n\tTaskBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x1c\n\x05tasks\x18\x05 \x03(\x0b\x32\r.lego.v1.Task\x12\x1f\n\x07patches\x18\x06 \x03(\x0b\x32\x0e.lego.v1.Patch\x12\r\n\x05\x65poch\x18\x07 \x01(\x03\"\x1d\n\x0cPreloadModel\x12\r\n\x05model\x18\x01 \x01(\t\"\xbd\x01\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x31\n\x07outputs\x18\x02 \x03(\x0b\x32 .lego.v1.TaskResult.OutputsEntry\x12\x11\n\tunpatched\x18\x03 \x01(\x08\x12\x11\n\tsignature\x18\x04 \x03(\x02\x1a\x45\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.lego.v1.TensorHandle:\x02\x38\x01\"\xba\x01\n\x0b\x42\x61tchResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12$\n\x07results\x18\x02 \x03(\x0b\x32\x13.lego.v1.TaskResult\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x13\n\x0b\x65xecution_s\x18\x04 \x01(\x01\x12\x15\n\rloaded_models\x18\x05 \x03(\t\x12)\n\x0cmodel_events\x18\x06 \x03(\x0b\x32\x13.lego.v1.ModelEvent\x12\r\n\x05loras\x18\x07 \x03(\t\":\n\nModelEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\r\n\x0b\x44rainWorker\"\x0e\n\x0cLeaveCluster\"\x90\x01\n\rWorkerMessage\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.lego.v1.WorkerHelloH\x00\x12&\n\x06result\x18\x02 \x01(\x0b\x32\x14.lego.v1.BatchResultH\x00\x12%\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x14.lego.v1.DrainWorkerH\x00\x42\t\n\x07message\"\xc2\x01\n\x12\x43oordinatorMessage\x12#\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x12.lego.v1.TaskBatchH\x00\x12*\n\x07release\x18\x02 \x01(\x0b\x32\x17.lego.v1.ReleaseRequestH\x00\x12(\n\x07preload\x18\x03 \x01(\x0b\x32\x15.lego.v1.PreloadModelH\x00\x12&\n\x05leave\x18\x04 \x01(\x0b\x32\x15.lego.v1.LeaveClusterH\x00\x42\t\n\x07message\"i\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04\x62usy\x18\x03 \x01(\x08\x12\x15\n\rloaded_models\x18\x04 \x03(\t\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08\"\x8c\x01\n\x12\x43lusterStatusReply\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.lego.v1.WorkerStatus\x12\x1a\n\x12requests_in_flight\x18\x02 \x01(\x05\x12\x13\n\x0bready_tasks\x18\x03 \x01(\x05\x12\x0e\n\x06policy\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x32\xeb\x02\n\x0b\x43oordinator\x12\x36\n\x06Submit\x12\x16.lego.v1.SubmitRequest\x1a\x14.lego.v1.SubmitReply\x12\x37\n\x05Watch\x12\x15.lego.v1.WatchRequest\x1a\x15.lego.v1.RequestEvent0\x01\x12\x32\n\x07Release\x12\x17.lego.v1.ReleaseRequest\x1a\x0e.lego.v1.Empty\x12\x30\n\x06\x43\x61ncel\x12\x16.lego.v1.CancelRequest\x1a\x0e.lego.v1.Empty\x12<\n\rClusterStatus\x12\x0e.lego.v1.Empty\x1a\x1b.lego.v1.ClusterStatusReply\x12G\n\x0cWorkerStream\x12\x16.lego.v1.WorkerMessage\x1a\x1b.lego.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,45 +57,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPPROGRESS']._serialized_start=780
   _globals['_STEPPROGRESS']._serialized_end=823
   _globals['_REQUESTDONE']._serialized_start=826
-  _globals['_REQUESTDONE']._serialized_end=1025
-  _globals['_REQUESTDONE_OUTPUTSENTRY']._serialized_start=963
-  _globals['_REQUESTDONE_OUTPUTSENTRY']._serialized_end=1025
-  _globals['_REQUESTFAILED']._serialized_start=1027
-  _globals['_REQUESTFAILED']._serialized_end=1073
-  _globals['_RELEASEREQUEST']._serialized_start=1075
-  _globals['_RELEASEREQUEST']._serialized_end=1111
-  _globals['_CANCELREQUEST']._serialized_start=1113
-  _globals['_CANCELREQUEST']._serialized_end=1148
-  _globals['_WORKERHELLO']._serialized_start=1151
-  _globals['_WORKERHELLO']._serialized_end=1313
-  _globals['_TASK']._serialized_start=1316
-  _globals['_TASK']._serialized_end=1544
+  _globals['_REQUESTDONE']._serialized_end=1048
+  _globals['_REQUESTDONE_OUTPUTSENTRY']._serialized_start=986
+  _globals['_REQUESTDONE_OUTPUTSENTRY']._serialized_end=1048
+  _globals['_REQUESTFAILED']._serialized_start=1050
+  _globals['_REQUESTFAILED']._serialized_end=1096
+  _globals['_RELEASEREQUEST']._serialized_start=1098
+  _globals['_RELEASEREQUEST']._serialized_end=1134
+  _globals['_CANCELREQUEST']._serialized_start=1136
+  _globals['_CANCELREQUEST']._serialized_end=1171
+  _globals['_WORKERHELLO']._serialized_start=1174
+  _globals['_WORKERHELLO']._serialized_end=1336
+  _globals['_TASK']._serialized_start=1339
+  _globals['_TASK']._serialized_end=1589
   _globals['_TASK_INPUTSENTRY']._serialized_start=184
   _globals['_TASK_INPUTSENTRY']._serialized_end=245
-  _globals['_TASKBATCH']._serialized_start=1547
-  _globals['_TASKBATCH']._serialized_end=1695
-  _globals['_PRELOADMODEL']._serialized_start=1697
-  _globals['_PRELOADMODEL']._serialized_end=1726
-  _globals['_TASKRESULT']._serialized_start=1729
-  _globals['_TASKRESULT']._serialized_end=1899
-  _globals['_TASKRESULT_OUTPUTSENTRY']._serialized_start=1830
-  _globals['_TASKRESULT_OUTPUTSENTRY']._serialized_end=1899
-  _globals['_BATCHRESULT']._serialized_start=1902
-  _globals['_BATCHRESULT']._serialized_end=2088
-  _globals['_MODELEVENT']._serialized_start=2090
-  _globals['_MODELEVENT']._serialized_end=2148
-  _globals['_DRAINWORKER']._serialized_start=2150
-  _globals['_DRAINWORKER']._serialized_end=2163
-  _globals['_LEAVECLUSTER']._serialized_start=2165
-  _globals['_LEAVECLUSTER']._serialized_end=2179
-  _globals['_WORKERMESSAGE']._serialized_start=2182
-  _globals['_WORKERMESSAGE']._serialized_end=2326
-  _globals['_COORDINATORMESSAGE']._serialized_start=2329
-  _globals['_COORDINATORMESSAGE']._serialized_end=2523
-  _globals['_WORKERSTATUS']._serialized_start=2525
-  _globals['_WORKERSTATUS']._serialized_end=2630
-  _globals['_CLUSTERSTATUSREPLY']._serialized_start=2633
-  _globals['_CLUSTERSTATUSREPLY']._serialized_end=2773
-  _globals['_COORDINATOR']._serialized_start=2776
-  _globals['_COORDINATOR']._serialized_end=3139
+  _globals['_TASKBATCH']._serialized_start=1592
+  _globals['_TASKBATCH']._serialized_end=1740
+  _globals['_PRELOADMODEL']._serialized_start=1742
+  _globals['_PRELOADMODEL']._serialized_end=1771
+  _globals['_TASKRESULT']._serialized_start=1774
+  _globals['_TASKRESULT']._serialized_end=1963
+  _globals['_TASKRESULT_OUTPUTSENTRY']._serialized_start=1894
+  _globals['_TASKRESULT_OUTPUTSENTRY']._serialized_end=1963
+  _globals['_BATCHRESULT']._serialized_start=1966
+  _globals['_BATCHRESULT']._serialized_end=2152
+  _globals['_MODELEVENT']._serialized_start=2154
+  _globals['_MODELEVENT']._serialized_end=2212
+  _globals['_DRAINWORKER']._serialized_start=2214
+  _globals['_DRAINWORKER']._serialized_end=2227
+  _globals['_LEAVECLUSTER']._serialized_start=2229
+  _globals['_LEAVECLUSTER']._serialized_end=2243
+  _globals['_WORKERMESSAGE']._serialized_start=2246
+  _globals['_WORKERMESSAGE']._serialized_end=2390
+  _globals['_COORDINATORMESSAGE']._serialized_start=2393
+  _globals['_COORDINATORMESSAGE']._serialized_end=2587
+  _globals['_WORKERSTATUS']._serialized_start=2589
+  _globals['_WORKERSTATUS']._serialized_end=2694
+  _globals['_CLUSTERSTATUSREPLY']._serialized_start=2697
+  _globals['_CLUSTERSTATUSREPLY']._serialized_end=2837
+  _globals['_COORDINATOR']._serialized_start=2840
+  _globals['_COORDINATOR']._serialized_end=3203
 # @@protoc_insertion_point(module_scope)

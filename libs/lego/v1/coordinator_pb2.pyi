@@ -266,11 +266,14 @@ class RequestDone(_message.Message):
     NODES_EXECUTED_FIELD_NUMBER: _builtins.int
     EXECUTION_S_FIELD_NUMBER: _builtins.int
     UNPATCHED_CALLS_FIELD_NUMBER: _builtins.int
+    SKIPPED_STEPS_FIELD_NUMBER: _builtins.int
     nodes_executed: _builtins.int
     execution_s: _builtins.float
     """seconds its batches ran on workers (shared batches counted whole)"""
     unpatched_calls: _builtins.int
     """denoiser calls that ran without their LoRA (it was still loading)"""
+    skipped_steps: _builtins.int
+    """denoise iterations skipped by an approximate-cache hit (0: none)"""
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
     def __init__(
@@ -280,10 +283,11 @@ class RequestDone(_message.Message):
         nodes_executed: _builtins.int = ...,
         execution_s: _builtins.float = ...,
         unpatched_calls: _builtins.int = ...,
+        skipped_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "nodes_executed", b"nodes_executed", "outputs", b"outputs", "unpatched_calls", b"unpatched_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "nodes_executed", b"nodes_executed", "outputs", b"outputs", "skipped_steps", b"skipped_steps", "unpatched_calls", b"unpatched_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,6 +428,7 @@ class Task(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     STATE_KEY_FIELD_NUMBER: _builtins.int
     PATCHES_OPTIONAL_FIELD_NUMBER: _builtins.int
+    SIGNATURE_OF_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     request_id: _builtins.str
     node_id: _builtins.str
@@ -432,6 +437,10 @@ class Task(_message.Message):
     patches_optional: _builtins.bool
     """may run without the batch's LoRA patches the worker does not hold yet, while they load
     (bounded asynchronous LoRA loading: a denoise loop's first `lora_async_steps` steps)
+    """
+    signature_of: _builtins.str
+    """non-empty: report a signature of this output (a text encoder's prompt embedding) with the
+    result: the key of approximate caching
     """
     @_builtins.property
     def inputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.Value]: ...
@@ -447,10 +456,11 @@ class Task(_message.Message):
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         state_key: _builtins.str = ...,
         patches_optional: _builtins.bool = ...,
+        signature_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "node_id", b"node_id", "outputs", b"outputs", "patches_optional", b"patches_optional", "request_id", b"request_id", "state_key", b"state_key", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "node_id", b"node_id", "outputs", b"outputs", "patches_optional", b"patches_optional", "request_id", b"request_id", "signature_of", b"signature_of", "state_key", b"state_key", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -545,21 +555,27 @@ class TaskResult(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     UNPATCHED_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     unpatched: _builtins.bool
     """ran without some of its LoRA patches (they were still loading)"""
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _common_pb2.TensorHandle]: ...
+    @_builtins.property
+    def signature(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """the unit-norm signature asked for by Task.signature_of"""
+
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         outputs: _abc.Mapping[_builtins.str, _common_pb2.TensorHandle] | None = ...,
         unpatched: _builtins.bool = ...,
+        signature: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "task_id", b"task_id", "unpatched", b"unpatched"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs", "signature", b"signature", "task_id", b"task_id", "unpatched", b"unpatched"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from lego.v1 import common_pb2 as lego_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lego/v1/dataengine.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\"U\n\x0bTensorChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.lego.v1.TensorHandle\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tconsumers\x18\x03 \x01(\x05\"l\n\x10GetTensorRequest\x12%\n\x06handle\x18\x01 \x01(\x0b\x32\x15.lego.v1.TensorHandle\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"5\n\x0b\x46reeRequest\x12\x12\n\ntensor_ids\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x1a\n\tFreeReply\x12\r\n\x05\x66reed\x18\x01 \x01(\x05\"+\n\x15ReleaseTensorsRequest\x12\x12\n\ntensor_ids\x18\x01 \x03(\t\"\xac\x01\n\x0f\x44\x61taEngineStats\x12\x0f\n\x07tensors\x18\x01 \x01(\x05\x12\x14\n\x0c\x62ytes_stored\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_pulled\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rena_capacity\x18\x04 \x01(\x03\x12\x12\n\narena_used\x18\x05 \x01(\x03\x12\x1a\n\x12\x61rena_largest_free\x18\x06 \x01(\x03\x12\x14\n\x0cpart_streams\x18\x07 \x01(\x05\"6\n\tArenaInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\r\n\x05token\x18\x03 \x01(\x0c\"Y\n\x0f\x41llocateRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.lego.v1.TensorHandle\x12\x11\n\tconsumers\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\tPlacement\x12%\n\x06handle\x18\x01 \x01(\x0b\x32\x15.lego.v1.TensorHandle\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"K\n\x0ePublishRequest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.lego.v1.AllocateRequest\x12\x0e\n\x06\x63ommit\x18\x02 \x03(\t\"}\n\x0cPublishReply\x12&\n\nplacements\x18\x01 \x03(\x0b\x32\x12.lego.v1.Placement\x12(\n\tcommitted\x18\x02 \x03(\x0b\x32\x15.lego.v1.TensorHandle\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\"\n\rCommitRequest\x12\x11\n\ttensor_id\x18\x01 \x01(\t\"w\n\nTensorPart\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\r\n\x05total\x18\x07 \x01(\x05\"4\n\x10ReadPartsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x32\x9c\x06\n\nDataEngine\x12\x34\n\x03Put\x12\x14.lego.v1.TensorChunk\x1a\x15.lego.v1.TensorHandle(\x01\x12\x38\n\x03Get\x12\x19.lego.v1.GetTensorRequest\x1a\x14.lego.v1.TensorChunk0\x01\x12+\n\x05\x41rena\x12\x0e.lego.v1.Empty\x1a\x12.lego.v1.ArenaInfo\x12\x38\n\x08\x41llocate\x12\x18.lego.v1.AllocateRequest\x1a\x12.lego.v1.Placement\x12\x37\n\x06\x43ommit\x12\x16.lego.v1.CommitRequest\x1a\x15.lego.v1.TensorHandle\x12=\n\x07Publish\x12\x17.lego.v1.PublishRequest\x1a\x15.lego.v1.PublishReply(\x01\x30\x01\x12\x37\n\x06Locate\x12\x19.lego.v1.GetTensorRequest\x1a\x12.lego.v1.Placement\x12\x35\n\x08Prefetch\x12\x19.lego.v1.GetTensorRequest\x1a\x0e.lego.v1.Empty\x12\x32\n\x0bPublishPart\x12\x13.lego.v1.TensorPart\x1a\x0e.lego.v1.Empty\x12=\n\tReadParts\x12\x19.lego.v1.ReadPartsRequest\x1a\x13.lego.v1.TensorPart0\x01\x12=\n\x07Release\x12\x1e.lego.v1.ReleaseTensorsRequest\x1a\x12.lego.v1.FreeReply\x12\x30\n\x04\x46ree\x12\x14.lego.v1.FreeRequest\x1a\x12.lego.v1.FreeReply\x12\x38\n\nFreeStream\x12\x14.lego.v1.FreeRequest\x1a\x12.lego.v1.FreeReply(\x01\x12\x31\n\x05Stats\x12\x0e.lego.v1.Empty\x1a\x18.lego.v1.DataEngineStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lego/v1/dataengine.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\"U\n\x0bTensorChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.lego.v1.TensorHandle\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tconsumers\x18\x03 \x01(\x05\"l\n\x10GetTensorRequest\x12%\n\x06handle\x18\x01 \x01(\x0b\x32\x15.lego.v1.TensorHandle\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"C\n\x0b\x46reeRequest\x12\x12\n\ntensor_ids\x18\x01 \x03(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0c\n\x04keep\x18\x03 \x03(\t\"\x1a\n\tFreeReply\x12\r\n\x05\x66reed\x18\x01 \x01(\x05\"+\n\x15ReleaseTensorsRequest\x12\x12\n\ntensor_ids\x18\x01 \x03(\t\"\xac\x01\n\x0f\x44\x61taEngineStats\x12\x0f\n\x07tensors\x18\x01 \x01(\x05\x12\x14\n\x0c\x62ytes_stored\x18\x02 \x01(\x03\x12\x14\n\x0c\x62ytes_pulled\x18\x03 \x01(\x03\x12\x16\n\x0e\x61rena_capacity\x18\x04 \x01(\x03\x12\x12\n\narena_used\x18\x05 \x01(\x03\x12\x1a\n\x12\x61rena_largest_free\x18\x06 \x01(\x03\x12\x14\n\x0cpart_streams\x18\x07 \x01(\x05\"6\n\tArenaInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\r\n\x05token\x18\x03 \x01(\x0c\"Y\n\x0f\x41llocateRequest\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.lego.v1.TensorHandle\x12\x11\n\tconsumers\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"B\n\tPlacement\x12%\n\x06handle\x18\x01 \x01(\x0b\x32\x15.lego.v1.TensorHandle\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"K\n\x0ePublishRequest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.lego.v1.AllocateRequest\x12\x0e\n\x06\x63ommit\x18\x02 \x03(\t\"}\n\x0cPublishReply\x12&\n\nplacements\x18\x01 \x03(\x0b\x32\x12.lego.v1.Placement\x12(\n\tcommitted\x18\x02 \x03(\x0b\x32\x15.lego.v1.TensorHandle\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\"\n\rCommitRequest\x12\x11\n\ttensor_id\x18\x01 \x01(\t\"w\n\nTensorPart\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\r\n\x05total\x18\x07 \x01(\x05\"4\n\x10ReadPartsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x32\x9c\x06\n\nDataEngine\x12\x34\n\x03Put\x12\x14.lego.v1.TensorChunk\x1a\x15.lego.v1.TensorHandle(\x01\x12\x38\n\x03Get\x12\x19.lego.v1.GetTensorRequest\x1a\x14.lego.v1.TensorChunk0\x01\x12+\n\x05\x41rena\x12\x0e.lego.v1.Empty\x1a\x12.lego.v1.ArenaInfo\x12\x38\n\x08\x41llocate\x12\x18.lego.v1.AllocateRequest\x1a\x12.lego.v1.Placement\x12\x37\n\x06\x43ommit\x12\x16.lego.v1.CommitRequest\x1a\x15.lego.v1.TensorHandle\x12=\n\x07Publish\x12\x17.lego.v1.PublishRequest\x1a\x15.lego.v1.PublishReply(\x01\x30\x01\x12\x37\n\x06Locate\x12\x19.lego.v1.GetTensorRequest\x1a\x12.lego.v1.Placement\x12\x35\n\x08Prefetch\x12\x19.lego.v1.GetTensorRequest\x1a\x0e.lego.v1.Empty\x12\x32\n\x0bPublishPart\x12\x13.lego.v1.TensorPart\x1a\x0e.lego.v1.Empty\x12=\n\tReadParts\x12\x19.lego.v1.ReadPartsRequest\x1a\x13.lego.v1.TensorPart0\x01\x12=\n\x07Release\x12\x1e.lego.v1.ReleaseTensorsRequest\x1a\x12.lego.v1.FreeReply\x12\x30\n\x04\x46ree\x12\x14.lego.v1.FreeRequest\x1a\x12.lego.v1.FreeReply\x12\x38\n\nFreeStream\x12\x14.lego.v1.FreeRequest\x1a\x12.lego.v1.FreeReply(\x01\x12\x31\n\x05Stats\x12\x0e.lego.v1.Empty\x1a\x18.lego.v1.DataEngineStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTENSORREQUEST']._serialized_start=146
   _globals['_GETTENSORREQUEST']._serialized_end=254
   _globals['_FREEREQUEST']._serialized_start=256
-  _globals['_FREEREQUEST']._serialized_end=309
-  _globals['_FREEREPLY']._serialized_start=311
-  _globals['_FREEREPLY']._serialized_end=337
-  _globals['_RELEASETENSORSREQUEST']._serialized_start=339
-  _globals['_RELEASETENSORSREQUEST']._serialized_end=382
-  _globals['_DATAENGINESTATS']._serialized_start=385
-  _globals['_DATAENGINESTATS']._serialized_end=557
-  _globals['_ARENAINFO']._serialized_start=559
-  _globals['_ARENAINFO']._serialized_end=613
-  _globals['_ALLOCATEREQUEST']._serialized_start=615
-  _globals['_ALLOCATEREQUEST']._serialized_end=704
-  _globals['_PLACEMENT']._serialized_start=706
-  _globals['_PLACEMENT']._serialized_end=772
-  _globals['_PUBLISHREQUEST']._serialized_start=774
-  _globals['_PUBLISHREQUEST']._serialized_end=849
-  _globals['_PUBLISHREPLY']._serialized_start=851
-  _globals['_PUBLISHREPLY']._serialized_end=976
-  _globals['_COMMITREQUEST']._serialized_start=978
-  _globals['_COMMITREQUEST']._serialized_end=1012
-  _globals['_TENSORPART']._serialized_start=1014
-  _globals['_TENSORPART']._serialized_end=1133
-  _globals['_READPARTSREQUEST']._serialized_start=1135
-  _globals['_READPARTSREQUEST']._serialized_end=1187
-  _globals['_DATAENGINE']._serialized_start=1190
-  _globals['_DATAENGINE']._serialized_end=1986
+  _globals['_FREEREQUEST']._serialized_end=323
+  _globals['_FREEREPLY']._serialized_start=325
+  _globals['_FREEREPLY']._serialized_end=351
+  _globals['_RELEASETENSORSREQUEST']._serialized_start=353
+  _globals['_RELEASETENSORSREQUEST']._serialized_end=396
+  _globals['_DATAENGINESTATS']._serialized_start=399
+  _globals['_DATAENGINESTATS']._serialized_end=571
+  _globals['_ARENAINFO']._serialized_start=573
+  _globals['_ARENAINFO']._serialized_end=627
+  _globals['_ALLOCATEREQUEST']._serialized_start=629
+  _globals['_ALLOCATEREQUEST']._serialized_end=718
+  _globals['_PLACEMENT']._serialized_start=720
+  _globals['_PLACEMENT']._serialized_end=786
+  _globals['_PUBLISHREQUEST']._serialized_start=788
+  _globals['_PUBLISHREQUEST']._serialized_end=863
+  _globals['_PUBLISHREPLY']._serialized_start=865
+  _globals['_PUBLISHREPLY']._serialized_end=990
+  _globals['_COMMITREQUEST']._serialized_start=992
+  _globals['_COMMITREQUEST']._serialized_end=1026
+  _globals['_TENSORPART']._serialized_start=1028
+  _globals['_TENSORPART']._serialized_end=1147
+  _globals['_READPARTSREQUEST']._serialized_start=1149
+  _globals['_READPARTSREQUEST']._serialized_end=1201
+  _globals['_DATAENGINE']._serialized_start=1204
+  _globals['_DATAENGINE']._serialized_end=2000
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,7 @@ from lego.v1 import compiler_pb2 as lego_dot_v1_dot_compiler__pb2
 from lego.v1 import coordinator_pb2 as lego_dot_v1_dot_coordinator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lego/v1/gateway.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\x1a\x16lego/v1/compiler.proto\x1a\x19lego/v1/coordinator.proto\"\xd5\x01\n\x0fGenerateRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x34\n\x06inputs\x18\x02 \x03(\x0b\x32$.lego.v1.GenerateRequest.InputsEntry\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06slo_ms\x18\x04 \x01(\x01\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\"\xb7\x01\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x12\x16\n\x0enodes_executed\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xecution_s\x18\x07 \x01(\x01\x12\r\n\x05slo_s\x18\x08 \x01(\x01\x12\x17\n\x0funpatched_calls\x18\t \x01(\x05\"5\n\nRequestRef\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bnode_events\x18\x02 \x01(\x08\"\xc8\x01\n\rRequestStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x05\x12\x11\n\tlatency_s\x18\x06 \x01(\x01\x12\r\n\x05slo_s\x18\x07 \x01(\x01\x12\x12\n\nestimate_s\x18\x08 \x01(\x01\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\"\xa1\x01\n\rProgressEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06time_s\x18\x03 \x01(\x01\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x05\x12\r\n\x05total\x18\x07 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x08 \x01(\x05\x12\x0f\n\x07message\x18\t \x01(\t\"P\n\tSloWindow\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x10\n\x08\x61nswered\x18\x02 \x01(\x05\x12\x0b\n\x03met\x18\x03 \x01(\x05\x12\x12\n\nattainment\x18\x04 \x01(\x01\"\\\n\x0b\x43lusterView\x12,\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x1b.lego.v1.ClusterStatusReply\x12\x1f\n\x03slo\x18\x02 \x01(\x0b\x32\x12.lego.v1.SloWindow2\xa6\x04\n\x07Gateway\x12<\n\x08Generate\x12\x18.lego.v1.GenerateRequest\x1a\x16.lego.v1.GenerateReply\x12:\n\x06Submit\x12\x18.lego.v1.GenerateRequest\x1a\x16.lego.v1.RequestStatus\x12\x36\n\x05Watch\x12\x13.lego.v1.RequestRef\x1a\x16.lego.v1.ProgressEvent0\x01\x12\x38\n\tGetStatus\x12\x13.lego.v1.RequestRef\x1a\x16.lego.v1.RequestStatus\x12\x38\n\tGetResult\x12\x13.lego.v1.RequestRef\x1a\x16.lego.v1.GenerateReply\x12\x35\n\x06\x43\x61ncel\x12\x13.lego.v1.RequestRef\x1a\x16.lego.v1.RequestStatus\x12<\n\rListWorkflows\x12\x0e.lego.v1.Empty\x1a\x1b.lego.v1.ListWorkflowsReply\x12I\n\x10RegisterWorkflow\x12\x15.lego.v1.WorkflowSpec\x1a\x1e.lego.v1.RegisterWorkflowReply\x12\x35\n\rClusterStatus\x12\x0e.lego.v1.Empty\x1a\x14.lego.v1.ClusterViewb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lego/v1/gateway.proto\x12\x07lego.v1\x1a\x14lego/v1/common.proto\x1a\x16lego/v1/compiler.proto\x1a\x19lego/v1/coordinator.proto\"\xd5\x01\n\x0fGenerateRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x34\n\x06inputs\x18\x02 \x03(\x0b\x32$.lego.v1.GenerateRequest.InputsEntry\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06slo_ms\x18\x04 \x01(\x01\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x1a=\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1d\n\x05value\x18\x02 \x01(\x0b\x32\x0e.lego.v1.Value:\x02\x38\x01\"\xce\x01\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x11\n\tlatency_s\x18\x05 \x01(\x01\x12\x16\n\x0enodes_executed\x18\x06 \x01(\x05\x12\x13\n\x0b\x65xecution_s\x18\x07 \x01(\x01\x12\r\n\x05slo_s\x18\x08 \x01(\x01\x12\x17\n\x0funpatched_calls\x18\t \x01(\x05\x12\x15\n\rskipped_steps\x18\n \x01(\x05\"5\n\nRequestRef\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bnode_events\x18\x02 \x01(\x08\"\xc8\x01\n\rRequestStatus\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x05\x12\x11\n\tlatency_s\x18\x06 \x01(\x01\x12\r\n\x05slo_s\x18\x07 \x01(\x01\x12\x12\n\nestimate_s\x18\x08 \x01(\x01\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x15\n\rerror_message\x18\n \x01(\t\"\xa1\x01\n\rProgressEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06time_s\x18\x03 \x01(\x01\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x05\x12\r\n\x05total\x18\x07 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x08 \x01(\x05\x12\x0f\n\x07message\x18\t \x01(\t\"P\n\tSloWindow\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x10\n\x08\x61nswered\x18\x02 \x01(\x05\x12\x0b\n\x03met\x18\x03 \x01(\x05\x12\x12\n\nattainment\x18\x04 \x01(\x01\"\\\n\x0b\x43lusterView\x12,\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x1b.lego.v1.ClusterStatusReply\x12\x1f\n\x03slo\x18\x02 \x01(\x0b\x32\x12.lego.v1.SloWindow2\xa6\x04\n\x07Gateway\x12<\n\x08Generate\x12\x18.lego.v1.GenerateRequest\x1a\x16.lego.v1.GenerateReply\x12:\n\x06Submit\x12\x18.lego.v1.GenerateRequest\x1a\x16.lego.v1.RequestStatus\x12\x36\n\x05Watch\x12\x13.lego.v1.RequestRef\x1a\x16.lego.v1.ProgressEvent0\x01\x12\x38\n\tGetStatus\x12\x13.lego.v1.RequestRef\x1a\x16.lego.v1.RequestStatus\x12\x38\n\tGetResult\x12\x13.lego.v1.RequestRef\x1a\x16.lego.v1.GenerateReply\x12\x35\n\x06\x43\x61ncel\x12\x13.lego.v1.RequestRef\x1a\x16.lego.v1.RequestStatus\x12<\n\rListWorkflows\x12\x0e.lego.v1.Empty\x1a\x1b.lego.v1.ListWorkflowsReply\x12I\n\x10RegisterWorkflow\x12\x15.lego.v1.WorkflowSpec\x1a\x1e.lego.v1.RegisterWorkflowReply\x12\x35\n\rClusterStatus\x12\x0e.lego.v1.Empty\x1a\x14.lego.v1.ClusterViewb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_INPUTSENTRY']._serialized_start=260
   _globals['_GENERATEREQUEST_INPUTSENTRY']._serialized_end=321
   _globals['_GENERATEREPLY']._serialized_start=324
-  _globals['_GENERATEREPLY']._serialized_end=507
-  _globals['_REQUESTREF']._serialized_start=509
-  _globals['_REQUESTREF']._serialized_end=562
-  _globals['_REQUESTSTATUS']._serialized_start=565
-  _globals['_REQUESTSTATUS']._serialized_end=765
-  _globals['_PROGRESSEVENT']._serialized_start=768
-  _globals['_PROGRESSEVENT']._serialized_end=929
-  _globals['_SLOWINDOW']._serialized_start=931
-  _globals['_SLOWINDOW']._serialized_end=1011
-  _globals['_CLUSTERVIEW']._serialized_start=1013
-  _globals['_CLUSTERVIEW']._serialized_end=1105
-  _globals['_GATEWAY']._serialized_start=1108
-  _globals['_GATEWAY']._serialized_end=1658
+  _globals['_GENERATEREPLY']._serialized_end=530
+  _globals['_REQUESTREF']._serialized_start=532
+  _globals['_REQUESTREF']._serialized_end=585
+  _globals['_REQUESTSTATUS']._serialized_start=588
+  _globals['_REQUESTSTATUS']._serialized_end=788
+  _globals['_PROGRESSEVENT']._serialized_start=791
+  _globals['_PROGRESSEVENT']._serialized_end=952
+  _globals['_SLOWINDOW']._serialized_start=954
+  _globals['_SLOWINDOW']._serialized_end=1034
+  _globals['_CLUSTERVIEW']._serialized_start=1036
+  _globals['_CLUSTERVIEW']._serialized_end=1128
+  _globals['_GATEWAY']._serialized_start=1131
+  _globals['_GATEWAY']._serialized_end=1681
 # @@protoc_insertion_point(module_scope)

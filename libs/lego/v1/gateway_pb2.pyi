@@ -89,6 +89,7 @@ class GenerateReply(_message.Message):
     EXECUTION_S_FIELD_NUMBER: _builtins.int
     SLO_S_FIELD_NUMBER: _builtins.int
     UNPATCHED_CALLS_FIELD_NUMBER: _builtins.int
+    SKIPPED_STEPS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     png: _builtins.bytes
     width: _builtins.int
@@ -101,6 +102,8 @@ class GenerateReply(_message.Message):
     """the latency objective it was admitted with; 0 when none is enforced"""
     unpatched_calls: _builtins.int
     """denoiser calls that ran before their LoRA had loaded (async LoRA)"""
+    skipped_steps: _builtins.int
+    """denoise iterations an approximate-cache hit skipped (0: none)"""
     def __init__(
         self,
         *,
@@ -113,10 +116,11 @@ class GenerateReply(_message.Message):
         execution_s: _builtins.float = ...,
         slo_s: _builtins.float = ...,
         unpatched_calls: _builtins.int = ...,
+        skipped_steps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "height", b"height", "latency_s", b"latency_s", "nodes_executed", b"nodes_executed", "png", b"png", "request_id", b"request_id", "slo_s", b"slo_s", "unpatched_calls", b"unpatched_calls", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_s", b"execution_s", "height", b"height", "latency_s", b"latency_s", "nodes_executed", b"nodes_executed", "png", b"png", "request_id", b"request_id", "skipped_steps", b"skipped_steps", "slo_s", b"slo_s", "unpatched_calls", b"unpatched_calls", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,7 @@ from pathlib import Path
 from lego.service_main import base_parser, run_service
 from lego.store import ClusterStore
 
+from lego_coordinator.approx_cache import DEFAULT_CAPACITY_BYTES
 from lego_coordinator.scheduler import POLICIES
 from lego_coordinator.service import CoordinatorConfig, CoordinatorService, serve
 
@@ -19,7 +20,15 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         slo_factor=args.slo_factor,
         profile_dir=args.profile,
         time_scale=getattr(args, "time_scale", 1.0),  # `lego up` shares the workers' flag
+        approx_cache_mb=args.approx_cache_mb,
     )
+
+
+def positive_mb(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 MiB, got {value:g}")
+    return value
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +42,13 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--slo-factor", type=float, default=2.0, help="default SLO = factor x standalone latency"
+    )
+    parser.add_argument(
+        "--approx-cache-mb",
+        type=positive_mb,
+        default=DEFAULT_CAPACITY_BYTES / 2**20,
+        help="cached latents of approximate caching, in MiB, kept in the data engines "
+        f"(default {DEFAULT_CAPACITY_BYTES // 2**20})",
     )
 
 

@@ -8,7 +8,9 @@ It holds each request's DAG state and decides, on every `schedule(now)`, what ru
   are split across idle workers when that finishes sooner (adaptive parallelism, e.g. the two CFG
   branches of a step); each batch goes to the worker where it would finish first (queued work +
   model load if not resident + input transfer + execution); hot models get preloaded on idle
-  workers; requests are admitted only if their SLO can be met.
+  workers; requests are admitted only if their SLO can be met; a request of a loop with
+  approximate caching whose prompt is close to a finished one's resumes from that one's cached
+  latent (its graph rewritten, lego.graph `resume_from_cache`), and its misses fill the cache.
 - baselines `static`, `clockwork`, `shepherd` (monolithic serving): a request is one placement unit
   run alone on one worker, FCFS; `static` pins each workflow to an equal share of the workers,
   `shepherd` to a share planned from the observed request mix, `clockwork` lets any workflow run on
@@ -26,9 +28,10 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from lego import operators
-from lego.graph import Ref, RequestGraph, TaskNode
+from lego.graph import CACHED_LATENTS, ApproxSite, Ref, RequestGraph, TaskNode, resume_from_cache
 from lego.values import Scalar
 
+from lego_coordinator.approx_cache import ApproxCache, Hit, candidate_skips
 from lego_coordinator.costs import CostModel
 
 POLICIES = ("lego", "static", "clockwork", "shepherd")
@@ -85,6 +88,7 @@ class RequestDone:
     nodes_executed: int
     execution_s: float
     unpatched_calls: int = 0  # denoiser calls that ran before their LoRA had loaded
+    skipped_steps: int = 0  # denoise iterations an approximate-cache hit skipped
 
 
 @dataclass(frozen=True)
@@ -164,12 +168,18 @@ class _Request:
     finished: bool = False
     execution_s: float = 0.0
     unpatched_calls: int = 0
+    # approximate caching: the loop's site, the prompt's signature, and the hit it resumed from
+    site: ApproxSite | None = None
+    signature: tuple[float, ...] = ()
+    hit: Hit | None = None
+    external: dict[Ref, Tensor] = field(default_factory=dict)  # inputs no node of its graph makes
     order: dict[str, int] = field(default_factory=dict)
     work_ratio: float = 1.0  # standalone time ÷ one-by-one work: what batching saves
     readers: dict[Ref, int] = field(default_factory=dict)  # consumers still to read each tensor
     kept: set[Ref] = field(default_factory=set)  # freed only with the request (outputs, replay inputs)
 
     def __post_init__(self) -> None:
+        self.site = self.graph.approx
         self.order = {node_id: index for index, node_id in enumerate(self.graph.nodes)}
         self.readers = dict(self.graph.consumers)
         self.kept = set(self.graph.outputs.values()) | {
@@ -204,7 +214,7 @@ def private_copies(graph: RequestGraph, owner: str) -> RequestGraph:
         source, _, component = node.model.rpartition(":")
         private = source and "#" not in source and node.model != operators.IMAGE_MODEL
         nodes[node_id] = replace(node, model=f"{source}#{owner}:{component}") if private else node
-    return RequestGraph(nodes, graph.outputs, graph.consumers)
+    return RequestGraph(nodes, graph.outputs, graph.consumers, graph.approx)
 
 
 def as_placed(policy: str, workflow: str, graph: RequestGraph) -> RequestGraph:
@@ -216,6 +226,18 @@ def as_placed(policy: str, workflow: str, graph: RequestGraph) -> RequestGraph:
 def _batch_key(node: TaskNode) -> tuple[str, str, str, tuple[tuple[str, float], ...]]:
     """Nodes that may share one forward pass: same operator, model, mode and patch set."""
     return (node.op, node.model, node.mode, node.patches)
+
+
+def _producers(request: _Request, node: TaskNode, blocking: bool) -> set[str]:
+    """The nodes `node` waits for: those it must run after, and the producers of its inputs (of
+    those it does not read deferred, when `blocking`); an input given from outside counts none."""
+    return set(node.after) | {
+        value.node
+        for name, value in node.inputs.items()
+        if isinstance(value, Ref)
+        and value not in request.external
+        and not (blocking and name in node.deferred)
+    }
 
 
 def _stateful(node: TaskNode) -> bool:
@@ -231,6 +253,7 @@ class Scheduler:
         enforce_slo: bool = False,
         slo_factor: float = 2.0,
         max_in_flight: int = 2,
+        approx_cache: ApproxCache | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -251,6 +274,7 @@ class Scheduler:
         self._planned_at = -math.inf
         self._pending_s: defaultdict[str, float] = defaultdict(float)  # model → seconds of work not done yet
         self._dead: list[object] = []  # handles of tensors no node will read again
+        self.approx = approx_cache or ApproxCache()
 
     # ---- membership ----
 
@@ -269,6 +293,8 @@ class Scheduler:
         if worker is None:
             return []
         self._plan = {}
+        if worker.host and all(w.host != worker.host for w in self._workers.values()):
+            self.approx.drop_host(worker.host)  # its data engine, and the latents there, are gone
         requeued: list[tuple[_Request, str]] = []
         for batch_id in worker.in_flight:
             dispatch = self._in_flight.pop(batch_id)
@@ -304,9 +330,7 @@ class Scheduler:
     def _missing_producers(self, request: _Request, node_id: str) -> int:
         """Producers of the node's inputs that are not done, besides those it reads deferred."""
         node = request.graph.nodes[node_id]
-        refs = [(name, v) for name, v in node.inputs.items() if isinstance(v, Ref)]
-        producers = {v.node for name, v in refs if name not in node.deferred}
-        return len(producers - request.done)
+        return len(_producers(request, node, blocking=True) - request.done)
 
     def _replay_state(self, request: _Request, key: str) -> None:
         del request.state_workers[key]
@@ -332,7 +356,7 @@ class Scheduler:
         request.worker = None
         request.done.clear()
         request.running.clear()
-        request.produced.clear()
+        request.produced = dict(request.external)
         request.state_workers.clear()
         request.replay.clear()
         request.execution_s = 0.0
@@ -444,21 +468,32 @@ class Scheduler:
         return as_placed(self.policy, workflow, graph)
 
     def _init_readiness(self, request: _Request) -> None:
+        """Dependency counts and successor lists of the request's graph, for what it has not done
+        yet (all of it, but for a graph rewritten mid-way); its nodes with nothing to wait for
+        are ready. A deferred input's producer counts as met once it runs."""
         request.remaining = {}
         request.successors = {node_id: [] for node_id in request.graph.nodes}
         request.early_successors = {node_id: [] for node_id in request.graph.nodes}
         for node in request.graph.nodes.values():
-            refs = [(name, v) for name, v in node.inputs.items() if isinstance(v, Ref)]
-            producers = {v.node for _, v in refs}
-            request.remaining[node.id] = len(producers)
+            blocking = _producers(request, node, blocking=True)
+            producers = _producers(request, node, blocking=False)
             for producer in producers:
-                deferred = all(name in node.deferred for name, v in refs if v.node == producer)
-                (request.early_successors if deferred else request.successors)[producer].append(node.id)
-        self._ready.update((request.request_id, n) for n, c in request.remaining.items() if c == 0)
+                (request.successors if producer in blocking else request.early_successors)[producer].append(
+                    node.id
+                )
+            met = request.done | (request.running & (producers - blocking))
+            request.remaining[node.id] = len(producers - met)
+        self._ready.update(
+            (request.request_id, n)
+            for n, c in request.remaining.items()
+            if c == 0 and n not in request.done and n not in request.running
+        )
 
     def release(self, request_id: str) -> None:
         """Forget a request (answered, failed or cancelled); its queued nodes are dropped."""
         request = self._requests.pop(request_id, None)
+        if request is not None:
+            self._unpin(request)
         self._ready = {entry for entry in self._ready if entry[0] != request_id}
         if request is not None and request.worker in self._workers:
             worker = self._workers[request.worker]
@@ -659,13 +694,13 @@ class Scheduler:
                     successor in request.running
                     or successor in request.done
                     or node.deferred
+                    or node.after
                     or node.model not in worker.loaded
                     or any(source not in worker.loras for source, _ in node.patches)
                     or request.state_workers.get(node.state_key, worker.worker_id) != worker.worker_id
                 ):
                     continue
-                producers = {v.node for v in node.inputs.values() if isinstance(v, Ref)}
-                if producers - request.done <= nodes:
+                if _producers(request, node, blocking=False) - request.done <= nodes:
                     groups[_batch_key(node)].append((request_id, successor))
         # a group that would not fit one batch is left whole to the ready queue: chaining part of it
         # would split what runs together there (a step's two CFG branches, and their denoisers)
@@ -850,10 +885,11 @@ class Scheduler:
         execution_s: float | None = None,
         loading_s: float = 0.0,
         unpatched: frozenset[str] = frozenset(),
+        signatures: dict[str, tuple[float, ...]] | None = None,
     ) -> list[Event]:
         """A batch finished at `now`: its outputs, its measured execution and the model loads its
-        worker did meanwhile (neither is control-plane overhead), and the tasks that ran without
-        their LoRAs (still loading)."""
+        worker did meanwhile (neither is control-plane overhead), the tasks that ran without
+        their LoRAs (still loading), and the prompt signatures its tasks were asked for."""
         dispatch = self._in_flight.pop(batch_id, None)
         if dispatch is None:
             return []  # a stale report (the worker was removed meanwhile): never applied twice
@@ -903,20 +939,71 @@ class Scheduler:
                 request.remaining[successor] -= 1
                 if request.remaining[successor] == 0:
                     self._ready.add((request.request_id, successor))
+            if request.site is not None and node.id == request.site.encoder:
+                self._look_up_approx(request, (signatures or {}).get(task.task_id, ()))
             if len(request.done) == len(request.graph.nodes):
-                request.finished = True
-                self._free_worker(request)
-                result = {name: request.produced[ref].handle for name, ref in request.graph.outputs.items()}
-                events.append(
-                    RequestDone(
-                        request.request_id,
-                        result,
-                        len(request.graph.nodes),
-                        request.execution_s,
-                        request.unpatched_calls,
-                    )
-                )
+                events.append(self._finish(request))
         return events
+
+    def _finish(self, request: _Request) -> RequestDone:
+        request.finished = True
+        self._free_worker(request)
+        self._unpin(request)
+        if request.site is not None and request.signature and request.hit is None:
+            self._keep_latents(request, request.site)
+        result = {name: request.produced[ref].handle for name, ref in request.graph.outputs.items()}
+        skipped = request.hit.skip if request.hit else 0
+        executed = len(request.graph.nodes)
+        return RequestDone(
+            request.request_id, result, executed, request.execution_s, request.unpatched_calls, skipped
+        )
+
+    # ---- approximate caching ----
+
+    def _look_up_approx(self, request: _Request, signature: tuple[float, ...]) -> None:
+        """The prompt's signature has come: resume from the closest cached latent, if any is close
+        enough (the loop's init was held for this, so none of the loop has run yet)."""
+        site = request.site
+        if site is None or not signature or request.signature:
+            return
+        request.signature = signature
+        hit = self.approx.lookup(site.context, signature, site.steps)
+        if hit is None:
+            return
+        before = request.graph
+        request.graph = resume_from_cache(before, hit.skip)
+        request.hit = hit
+        request.external[CACHED_LATENTS] = request.produced[CACHED_LATENTS] = Tensor(
+            hit.handle, hit.nbytes, hit.host
+        )
+        for node_id in before.nodes.keys() - request.graph.nodes.keys():
+            dropped = before.nodes[node_id]
+            self._pending_s[dropped.model] -= self.costs.exec_s(dropped)
+            self._ready.discard((request.request_id, node_id))
+        init = request.graph.nodes[site.init]  # in its new mode, which may cost otherwise
+        self._pending_s[init.model] += self.costs.exec_s(init) - self.costs.exec_s(before.nodes[site.init])
+        for ref, count in before.consumers.items():  # reads of the dropped nodes will not come
+            if ref in request.readers:
+                request.readers[ref] -= count - request.graph.consumers.get(ref, 0)
+        self._init_readiness(request)
+
+    def _keep_latents(self, request: _Request, site: ApproxSite) -> None:
+        """A request that ran its whole loop leaves the latents later ones could start from."""
+        latents = {}
+        for skip in candidate_skips(site.steps, len(site.iterations)):
+            tensor = request.produced.get(Ref(site.iterations[skip - 1][-1], "latents"))
+            if tensor is not None:
+                latents[skip] = (tensor.handle, tensor.nbytes, tensor.host)
+        self.approx.insert(site.context, request.signature, request.request_id, latents)
+
+    def _unpin(self, request: _Request) -> None:
+        if request.hit is not None and CACHED_LATENTS in request.external:
+            del request.external[CACHED_LATENTS]
+            self.approx.unpin(request.hit.item)
+
+    def retained_tensors(self, request_id: str) -> list[object]:
+        """Handles of the request's tensors the approximate cache keeps: its Free must spare them."""
+        return self.approx.retained(request_id)
 
     def _collect_garbage(self, request: _Request, node: TaskNode) -> None:
         for value in node.inputs.values():
@@ -929,7 +1016,7 @@ class Scheduler:
 
     def take_dead_tensors(self) -> list[object]:
         """Tensors whose last consumer has finished: the shell frees them on the data engines."""
-        dead, self._dead = self._dead, []
+        dead, self._dead = self._dead + self.approx.take_dead(), []
         return dead
 
     def fail_batch(self, batch_id: str, message: str) -> list[Event]:
@@ -954,6 +1041,7 @@ class Scheduler:
 
     def _fail(self, request: _Request, message: str, code: FailureCode) -> RequestFailed:
         request.finished = True
+        self._unpin(request)
         for node in request.graph.nodes.values():
             if node.id not in request.done:
                 self._pending_s[node.model] -= self.costs.exec_s(node)

@@ -34,6 +34,7 @@ from lego.v1 import (
 from lego.values import Scalar, from_value, to_value
 
 from lego_coordinator import scheduler as core
+from lego_coordinator.approx_cache import DEFAULT_CAPACITY_BYTES, ApproxCache
 from lego_coordinator.costs import CostModel
 from lego_coordinator.request_log import RequestLog
 from lego_coordinator.telemetry import Telemetry
@@ -57,6 +58,7 @@ class CoordinatorConfig:
     profile_dir: Path | None = None
     max_in_flight: int = 2  # batches queued on one worker (lego policy)
     time_scale: float = 1.0  # the emulated workers' --time-scale: the profiles' priors are divided by it
+    approx_cache_mb: float = DEFAULT_CAPACITY_BYTES / 2**20  # cached latents of approximate caching
 
 
 # a worker's model events that a batch waited for beyond its execution (not control-plane overhead)
@@ -66,7 +68,10 @@ WAITS_BEYOND_EXECUTION = ("prefetch", "load", "lora_wait")
 def build_scheduler(config: CoordinatorConfig) -> core.Scheduler:
     directory = config.profile_dir or default_profile_dir()
     costs = CostModel(ProfileSet(directory), load_batch_sizes(directory), time_scale=config.time_scale)
-    return core.Scheduler(costs, config.policy, config.enforce_slo, config.slo_factor, config.max_in_flight)
+    approx = ApproxCache(int(config.approx_cache_mb * 2**20))
+    return core.Scheduler(
+        costs, config.policy, config.enforce_slo, config.slo_factor, config.max_in_flight, approx
+    )
 
 
 def _value(value: object) -> common_pb2.Value:
@@ -92,6 +97,7 @@ def _batch_message(dispatch: core.Dispatch, epoch: int) -> coordinator_pb2.Coord
             outputs=list(task.node.outputs),
             state_key=task.node.state_key,
             patches_optional=task.node.patches_optional,
+            signature_of=task.node.signature_of,
         )
         for name, value in task.inputs.items():
             message.inputs[name].CopyFrom(_value(value))
@@ -114,6 +120,7 @@ def _event_message(event: core.Event) -> coordinator_pb2.RequestEvent:
             nodes_executed=event.nodes_executed,
             execution_s=event.execution_s,
             unpatched_calls=event.unpatched_calls,
+            skipped_steps=event.skipped_steps,
         )
         for name, handle in event.outputs.items():
             done.outputs[name].CopyFrom(_value(handle))
@@ -315,6 +322,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         message = coordinator_pb2.CoordinatorMessage(
             release=coordinator_pb2.ReleaseRequest(request_id=request_id)
         )
+        kept = [  # latents the approximate cache keeps
+            h.tensor_id
+            for h in self.scheduler.retained_tensors(request_id)
+            if isinstance(h, common_pb2.TensorHandle)
+        ]
         for outbox in self._outboxes.values():
             outbox.put_nowait(message)
         for stub in list(self._dataengines.values()):
@@ -322,7 +334,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 # wait_for_ready: an engine that was restarted a moment ago is reached once its
                 # channel reconnects, instead of failing fast (and leaking the request's tensors)
                 await stub.Free(
-                    dataengine_pb2.FreeRequest(request_id=request_id), timeout=5, wait_for_ready=True
+                    dataengine_pb2.FreeRequest(request_id=request_id, keep=kept),
+                    timeout=5,
+                    wait_for_ready=True,
                 )
 
     async def ClusterStatus(
@@ -421,8 +435,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             outputs = {r.task_id: {n: _tensor(h) for n, h in r.outputs.items()} for r in result.results}
             loading_s = sum(e.seconds for e in result.model_events if e.kind in WAITS_BEYOND_EXECUTION)
             unpatched = frozenset(r.task_id for r in result.results if r.unpatched)
+            signatures = {r.task_id: tuple(r.signature) for r in result.results if r.signature}
             events = self.scheduler.complete(
-                result.batch_id, outputs, now, result.execution_s, loading_s, unpatched
+                result.batch_id, outputs, now, result.execution_s, loading_s, unpatched, signatures
             )
         self._publish(events)
         self.pump()

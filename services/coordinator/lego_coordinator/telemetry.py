@@ -33,6 +33,9 @@ class Telemetry:
             latency = now - admitted_at
             met = isinstance(event, core.RequestDone) and latency <= slo_s
             metrics.record_slo(met)
+            if isinstance(event, core.RequestDone) and event.skipped_steps:
+                metrics.APPROX_HITS.inc()
+                metrics.APPROX_SKIPPED.inc(event.skipped_steps)
             if isinstance(event, core.RequestDone):
                 log.info(
                     "request_done", request_id=event.request_id, latency_s=round(latency, 4), slo_met=met
@@ -46,6 +49,7 @@ class Telemetry:
             metrics.DISPATCHED_BATCH_SIZE.labels(model=dispatch.model).observe(len(dispatch.tasks))
             depth.setdefault(dispatch.model, 0)  # every model served has a series, 0 when idle
         metrics.set_queue_depth(depth)
+        metrics.APPROX_BYTES.set(scheduler.approx.used_bytes)
         draining = scheduler.draining_workers()
         total = len(scheduler.workers())
         metrics.WORKERS.labels(state="active").set(total - len(draining))

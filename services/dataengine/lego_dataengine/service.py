@@ -385,7 +385,7 @@ class DataEngineServicer(dataengine_pb2_grpc.DataEngineServicer):
         return dataengine_pb2.FreeReply(freed=len(freed))
 
     def _free(self, request: dataengine_pb2.FreeRequest) -> int:
-        freed = self.store.free(list(request.tensor_ids), request.request_id)
+        freed = self.store.free(list(request.tensor_ids), request.request_id, frozenset(request.keep))
         self._drop(freed)
         return len(freed) + self.parts.free(list(request.tensor_ids), request.request_id)
 

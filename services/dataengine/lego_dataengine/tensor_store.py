@@ -133,9 +133,13 @@ class TensorStore:
                 dead.append(tensor_id)
         return self.free(dead)
 
-    def free(self, tensor_ids: list[str], request_id: str = "") -> list[Entry]:
-        """Drop tensors (and every tensor of `request_id`); returns the committed ones freed."""
-        doomed = set(tensor_ids) | (self._by_request.get(request_id, set()) if request_id else set())
+    def free(
+        self, tensor_ids: list[str], request_id: str = "", keep: frozenset[str] = frozenset()
+    ) -> list[Entry]:
+        """Drop tensors (and every tensor of `request_id` but those in `keep`); returns the
+        committed ones freed."""
+        of_request = self._by_request.get(request_id, set()) - keep if request_id else set()
+        doomed = set(tensor_ids) | of_request
         if request_id:
             self._freed_requests[request_id] = None
             while len(self._freed_requests) > FREED_REQUESTS_KEPT:

@@ -244,6 +244,7 @@ class GatewayCore:
             done.execution_s,
             tracked.slo_s,
             done.unpatched_calls,
+            done.skipped_steps,
         )
 
     async def _release(self, request_id: str) -> None:

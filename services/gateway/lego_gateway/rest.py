@@ -80,6 +80,7 @@ class ImageJson(BaseModel):
     height: int
     latency_s: float
     unpatched_calls: int = 0  # denoiser calls run before their LoRA had loaded (async LoRA loading)
+    skipped_steps: int = 0  # denoise iterations an approximate-cache hit skipped
 
 
 def message_json(message: Message) -> dict[str, Any]:
@@ -267,6 +268,7 @@ def image_response(result: Any, response_format: str) -> Response:
         "X-Request-Id": result.request_id,
         "X-Latency-S": f"{result.latency_s:.4f}",
         "X-Unpatched-Calls": str(result.unpatched_calls),
+        "X-Skipped-Steps": str(result.skipped_steps),
     }
     if response_format == "b64_json":
         body = ImageJson(
@@ -276,6 +278,7 @@ def image_response(result: Any, response_format: str) -> Response:
             height=result.height,
             latency_s=round(result.latency_s, 4),
             unpatched_calls=result.unpatched_calls,
+            skipped_steps=result.skipped_steps,
         )
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(result.png, media_type="image/png", headers=headers)

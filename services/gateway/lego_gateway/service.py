@@ -49,6 +49,7 @@ def generate_reply(result: GenerateResult) -> gateway_pb2.GenerateReply:
         execution_s=result.execution_s,
         slo_s=result.slo_s,
         unpatched_calls=result.unpatched_calls,
+        skipped_steps=result.skipped_steps,
     )
 
 

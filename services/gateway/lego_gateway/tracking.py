@@ -37,6 +37,7 @@ class GenerateResult:
     execution_s: float
     slo_s: float = 0.0
     unpatched_calls: int = 0  # denoiser calls that ran before their LoRA had loaded
+    skipped_steps: int = 0  # denoise iterations an approximate-cache hit skipped
 
 
 @dataclass

@@ -404,6 +404,10 @@ class WorkerAgent:
                 task.task_id: result.results.add(task_id=task.task_id, unpatched=self.executor.last_unpatched)
                 for task in batch.tasks
             }
+            for task, item, produced in zip(batch.tasks, items, outputs, strict=True):
+                if task.signature_of:
+                    signature = self.executor.backend.signature(item, produced[task.signature_of])
+                    results[task.task_id].signature.extend(signature)
             for task_id, name, tensor_id, array in named:
                 scalar = np.ndim(array) == 0
                 handle = tensors.inline_handle(tensor_id, array) if scalar else next(handles)

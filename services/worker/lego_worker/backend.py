@@ -59,6 +59,11 @@ class Backend(Protocol):
         """Forget a fetched LoRA (its adapters leave the models); called between batches."""
         ...
 
+    def signature(self, item: Item, output: Any) -> list[float]:
+        """A unit-norm signature of a text encoder's output for `item` (approximate caching's key;
+        lego_worker.prompt_signatures); [] when there is none."""
+        ...
+
     def run(
         self,
         op: str,

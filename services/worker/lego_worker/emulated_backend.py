@@ -9,11 +9,13 @@ import math
 import time
 from collections.abc import Callable
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 from lego.profiles import PROFILE_MODES, ProfileSet
 
 from lego_worker.backend import Item, Outputs, PartSink, PatchSet
+from lego_worker.prompt_signatures import word_signature
 
 VAE_SCALE_FACTOR = 8  # every profiled family's VAE
 TEXT_TOKENS, TEXT_HIDDEN = 77, 768
@@ -86,6 +88,8 @@ def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
             side = 2 * int(item["vae_scale_factor"])
             patches = (int(item["height"]) // side) * (int(item["width"]) // side)
             latents = np.zeros((1, patches, 4 * int(item["latent_channels"])), dtype=np.float32)
+        elif mode in ("init_from_latents", "init_flow_from_latents"):
+            latents = np.asarray(item["cached_latents"])
         elif mode == "init_from_image":
             latents = np.zeros_like(np.asarray(item["init_latents"])[:, : int(item["latent_channels"])])
         elif mode in ("init", "init_control"):
@@ -175,6 +179,11 @@ class EmulatedBackend:
 
     def drop_lora(self, source: str) -> None:
         return None
+
+    def signature(self, item: Item, output: Any) -> list[float]:
+        """Placeholder embeddings mean nothing: the prompt's words stand for them."""
+        text = item.get("text")
+        return word_signature(text) if isinstance(text, str) else []
 
     def execution_s(self, op: str, model_id: str, mode: str, items: list[Item]) -> float:
         """Profiled seconds for this batch at real time (before the time scale)."""

@@ -198,6 +198,17 @@ def init_flow_from_image(scheduler: Any, item: Item, offset: int) -> torch.Tenso
     return pack(latents)
 
 
+def resume_flow(scheduler: Any, item: Item, offset: int) -> torch.Tensor:
+    """Approximate caching: `init_flow`'s timesteps begun at `offset`, for a cached packed latent
+    (already at that timestep's noise level)."""
+    steps = int(item["steps"])
+    latents = torch.from_numpy(np.array(item["cached_latents"]))
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    scheduler.set_timesteps(sigmas=sigmas, mu=calculate_shift(latents.shape[1], scheduler.config))
+    scheduler.set_begin_index(offset)
+    return latents
+
+
 def control_latents(item: Item, generator: torch.Generator) -> torch.Tensor:
     """The control image's latents as FluxControlNetPipeline makes them: sampled, shifted, packed."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

@@ -23,6 +23,7 @@ from lego_worker.flux import (
     controlnet_residuals_flux,
     init_flow,
     init_flow_from_image,
+    resume_flow,
     text_encode_flux,
     transformer_denoise_flux,
     vae_decode_packed,
@@ -190,16 +191,34 @@ def scheduler_init_flow(template: Any, item: Item, states: SchedulerStates) -> O
     return outputs
 
 
-def scheduler_init_flow_from_image(template: Any, item: Item, states: SchedulerStates) -> Outputs:
+def _resumed_flow(template: Any, item: Item, states: SchedulerStates, start: Callable[..., Any]) -> Outputs:
+    """A flow-matching loop begun at timestep index `first_index` from the latents `start` makes."""
     offset = int(item["first_index"])
     scheduler = states.create(item["state_key"], template, offset)
-    latents = init_flow_from_image(scheduler, item, offset)
+    latents = start(scheduler, item, offset)
     if len(scheduler.timesteps) - offset != item["iterations"]:
         raise ValueError(
             f"{type(scheduler).__name__} makes {len(scheduler.timesteps) - offset} timesteps from index "
             f"{offset}, but the workflow's denoise loop has {item['iterations']} iterations"
         )
     return _next_inputs(scheduler, latents, offset)
+
+
+def scheduler_init_flow_from_image(template: Any, item: Item, states: SchedulerStates) -> Outputs:
+    return _resumed_flow(template, item, states, init_flow_from_image)
+
+
+def scheduler_init_flow_from_latents(template: Any, item: Item, states: SchedulerStates) -> Outputs:
+    """Approximate caching (FLUX.1): resume from a similar request's latent at `first_index`."""
+    return _resumed_flow(template, item, states, resume_flow)
+
+
+def scheduler_init_from_latents(template: Any, item: Item, states: SchedulerStates) -> Outputs:
+    """Approximate caching: resume at timestep index `first_index` from a similar request's latent
+    there, with a fresh scheduler (as img2img begins one mid-schedule)."""
+    offset = int(item["first_index"])
+    scheduler = _set_timesteps(template, item, states, offset)
+    return _next_inputs(scheduler, torch.from_numpy(np.array(item["cached_latents"])), offset)
 
 
 def text_encode_any(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
@@ -283,6 +302,8 @@ STATEFUL_OPS: dict[tuple[str, str], StatefulOp] = {
     ("noise_scheduler", "init_flow"): scheduler_init_flow,
     ("noise_scheduler", "init_flow_control"): scheduler_init_flow,
     ("noise_scheduler", "init_flow_from_image"): scheduler_init_flow_from_image,
+    ("noise_scheduler", "init_from_latents"): scheduler_init_from_latents,
+    ("noise_scheduler", "init_flow_from_latents"): scheduler_init_flow_from_latents,
     ("noise_scheduler", "step"): scheduler_step,
     ("noise_scheduler", "cfg_step"): scheduler_step,
 }

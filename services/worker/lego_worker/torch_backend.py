@@ -15,6 +15,7 @@ from lego.model_sources import SourcePolicy
 from lego_worker import ops
 from lego_worker.backend import Item, Outputs, PartSink, PatchSet
 from lego_worker.lora import PatchState
+from lego_worker.prompt_signatures import embedding_signature
 from lego_worker.sources import SourceLoader, TextEncoderBundle
 
 
@@ -88,6 +89,9 @@ class TorchBackend:
 
     def drop_lora(self, source: str) -> None:
         self._patches.drop(source)
+
+    def signature(self, item: Item, output: Any) -> list[float]:
+        return embedding_signature(output)
 
     def run(
         self,
