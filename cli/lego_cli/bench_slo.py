@@ -17,6 +17,10 @@ both runs' busy device seconds, the cache's hit rate and the encoder seconds it 
 `--prompts zipf:distinct=N,s=S` gives each request its own prompt from a synthetic set with a known
 repetition structure (lego_cli.prompts); without it every request of a tenant sends the same prompt.
 The standalone runs that set the SLOs send prompts of their own, so a cache never shortens them.
+`--opt approx-cache` (needs `--prompts`) replays them again with approximate caching on every
+text-to-image loop (lego_cli.approx): a request whose prompt is close to a finished one's skips up
+to half its steps; per run, the requests resumed and the steps they skipped, and `approx_quality`,
+what a skip costs in pixels, measured with real tiny models.
 
 `--loras zipf:distinct=N,s=S` makes each request use one of N LoRAs (lego_cli.loras; the emulated
 workers fetch a LoRA they do not hold in `--lora-fetch-s` seconds, median of a log-normal, and keep
@@ -56,6 +60,7 @@ from lego_worker.lora_loads import DEFAULT_CAPACITY as DEFAULT_LORA_CAPACITY
 from lego_worker.lora_loads import LoRAStats
 
 from lego_cli import lora_quality
+from lego_cli.approx import measure_quality, with_approx_cache
 from lego_cli.cluster import EmbeddedCluster
 from lego_cli.loras import assign_loras, parse_lora_mix, with_loras
 from lego_cli.plot import attainment_plot
@@ -65,8 +70,7 @@ from lego_cli.workloads import Workload, warmup_of
 
 UNBOUNDED_SLO_MS = 3_600_000.0  # the standalone runs must not be dropped while their models load
 STANDALONE_RUNS = 2  # the first run of a workflow loads its models; the last is its standalone latency
-OPTIMISATIONS = ("embed-cache", "async-lora")
-NOT_BUILT = ("approx-cache",)  # issue #11's approximate caching: not implemented yet
+OPTIMISATIONS = ("embed-cache", "approx-cache", "async-lora")
 DEFAULT_EMBEDDING_CACHE_MB = 256.0
 DEFAULT_LORA_ASYNC_STEPS = 8
 
@@ -124,15 +128,17 @@ def optimisations_of(text: str) -> tuple[str, ...]:
     chosen = tuple(name for name in text.split(",") if name)
     built = ", ".join(OPTIMISATIONS)
     for name in chosen:
-        if name in NOT_BUILT:
-            raise argparse.ArgumentTypeError(f"{name} is not implemented yet (built: {built})")
         if name not in OPTIMISATIONS:
             raise argparse.ArgumentTypeError(f"unknown optimisation {name!r} (built: {built})")
     return chosen
 
 
-def check_lora_flags(args: argparse.Namespace) -> None:
+def check_flags(args: argparse.Namespace) -> None:
     """Errors name the flag, its limit and the value."""
+    if "approx-cache" in args.opt and not args.prompts:
+        raise ValueError(
+            "--opt approx-cache needs --prompts zipf:distinct=N,s=S: prompts that resemble each other"
+        )
     if "async-lora" in args.opt and not args.loras:
         raise ValueError("--opt async-lora needs --loras zipf:distinct=N,s=S: requests that use LoRAs")
     if args.lora_async_steps < 1:
@@ -191,12 +197,12 @@ async def _standalone_s(
     client: AsyncGatewayClient, names: dict[str, str], inputs: dict[str, dict[str, Scalar]]
 ) -> dict[str, float]:
     """Each workflow alone on the idle cluster, wall seconds (its models loaded by a first run), with
-    prompts of its own: no cache may answer them."""
+    prompts of their own: no cache, exact or approximate, may answer them."""
     measured = {}
     for tenant, name in names.items():
-        for run in range(STANDALONE_RUNS):
+        for _ in range(STANDALONE_RUNS):
             started = time.perf_counter()
-            alone = {**inputs[tenant], "prompt": f"standalone run {run} of {name}"}
+            alone = {**inputs[tenant], "prompt": f"standalone {uuid.uuid4().hex}"}  # like no other
             await client.generate(name, alone, slo_ms=UNBOUNDED_SLO_MS)
             measured[tenant] = time.perf_counter() - started
     return measured
@@ -209,9 +215,10 @@ async def _one(
     slo_s: float,
     at: float,
     scale: float,
-) -> tuple[Outcome, float, str, int]:
+) -> tuple[Outcome, float, str, tuple[int, int]]:
     """Send at wall time `at`; the outcome in emulated time, how late the send was, the gateway's
-    message if it failed, and the denoiser calls that ran before their LoRA had loaded."""
+    message if it failed, and (the denoiser calls that ran before their LoRA had loaded, the steps
+    an approximate-cache hit skipped)."""
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     sent = time.perf_counter()
     outcome = Outcome(workflow, (sent - at) * scale, slo_s * scale)
@@ -223,8 +230,8 @@ async def _one(
             grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
             grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
         }.get(error.code, error.code.name.lower())
-        return outcome, sent - at, error.message, 0
-    return outcome, sent - at, "", image.unpatched_calls
+        return outcome, sent - at, error.message, (0, 0)
+    return outcome, sent - at, "", (image.unpatched_calls, image.skipped_steps)
 
 
 async def _replay_run(
@@ -235,7 +242,7 @@ async def _replay_run(
     slo_s: dict[str, float],
     scale: float,
     prompts: list[str] | None = None,
-) -> list[tuple[Outcome, float, str, int]]:
+) -> list[tuple[Outcome, float, str, tuple[int, int]]]:
     """One open-loop replay of (arrival time, tenant) pairs, starting half a second from now; with
     `prompts`, request i sends prompts[i]."""
     start = time.perf_counter() + 0.5
@@ -327,6 +334,8 @@ async def replay(
     if args.loras:  # each tenant's workflow with each LoRA of the mix, asynchronous or not
         async_steps = args.lora_async_steps if "async-lora" in opts else 0
         served = with_loras(chosen, args.loras, async_steps)
+    if "approx-cache" in opts:
+        served = with_approx_cache(served)
     async with cluster, AsyncGatewayClient(cluster.gateway_address, timeout_s=3600) as client:
         names = await _register(cluster, served)
         prefetched = await _prefetch(cluster, chosen, policy)
@@ -349,7 +358,8 @@ async def replay(
             answered = await _replay_run(client, names, served, arrivals, slo_s, args.time_scale, prompts)
             counted = _Counters.of(cluster).since(before, args.time_scale, cached=cache_bytes > 0)
             lags = sorted(lag for _, lag, _, _ in answered)
-            unpatched = [calls for outcome, _, _, calls in answered if not outcome.failure]
+            unpatched = [calls for outcome, _, _, (calls, _) in answered if not outcome.failure]
+            skipped = [steps for outcome, _, _, (_, steps) in answered if not outcome.failure]
             first_messages: dict[str, str] = {}
             for outcome, _, message, _ in answered:
                 if outcome.failure:
@@ -371,6 +381,7 @@ async def replay(
                     "lora": _lora_figures(args, opts, unpatched) | counted.pop("lora_workers")
                     if args.loras
                     else None,
+                    "approx_cache": _approx_figures(skipped) if "approx-cache" in opts else None,
                 }
                 | counted
             )
@@ -388,9 +399,18 @@ def _lora_figures(args: argparse.Namespace, opts: tuple[str, ...], unpatched: li
     }
 
 
+def _approx_figures(skipped: list[int]) -> dict[str, Any]:
+    resumed = [steps for steps in skipped if steps]
+    return {
+        "requests_resumed": len(resumed),
+        "resumed_share": round(len(resumed) / len(skipped), 4) if skipped else None,
+        "skipped_steps_per_resumed_request": round(sum(resumed) / len(resumed), 3) if resumed else None,
+    }
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
-        check_lora_flags(args)
+        check_flags(args)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     policies = policies_of(args.policy)
@@ -415,11 +435,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_rs_at_90": max_rs,
         "runs": results,
     } | ({"speedup": speedups} if args.opt else {})
+    tenant, spec = next(iter(chosen.workflows.items()))  # the quality runs take its steps
+    steps = int(resolve_inputs(spec, chosen.inputs[tenant])["steps"])
     if "async-lora" in args.opt:
-        steps = int(next(iter(chosen.inputs.values())).get("steps", 28))
         bound = min(args.lora_async_steps, steps)
         bounds = sorted({max(1, bound // 4), max(1, bound // 2), bound})
         figures["lora_quality"] = asyncio.run(lora_quality.measure(steps, bounds))
+    if "approx-cache" in args.opt:
+        figures["approx_quality"] = asyncio.run(measure_quality(steps))
     return figures | results[0] if len(results) == 1 else figures  # one run: its figures at the top
 
 
@@ -436,6 +459,7 @@ def _speedup(base: dict[str, Any], optimised: dict[str, Any]) -> dict[str, Any]:
         "embedding_cache": optimised["embedding_cache"],
         "prompt_repeat_share": optimised["prompt_repeat_share"],
         "lora": {"baseline": base["lora"], "optimised": optimised["lora"]} if base["lora"] else None,
+        "approx_cache": optimised["approx_cache"],
     }
 
 

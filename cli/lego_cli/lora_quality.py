@@ -34,7 +34,7 @@ SIZE = 128
 PROMPT: dict[str, Scalar] = {"prompt": "a yellow square", "negative_prompt": "", "seed": 7}
 
 
-def _pixels(png: bytes) -> np.ndarray:
+def pixels(png: bytes) -> np.ndarray:
     with PIL.Image.open(io.BytesIO(png)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.float64)
 
@@ -48,7 +48,7 @@ async def _generate(lora: Path | None, steps: int, async_steps: int) -> tuple[np
             await compiler_pb2_grpc.CompilerStub(chan).RegisterWorkflow(spec)
         async with AsyncGatewayClient(cluster.gateway_address, timeout_s=600) as client:
             image = await client.generate("quality", {**PROMPT, "steps": steps})
-    return _pixels(image.png), image.unpatched_calls
+    return pixels(image.png), image.unpatched_calls
 
 
 async def measure(steps: int, bounds: list[int]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from lego_cli.main import main
@@ -19,6 +20,16 @@ def light_bench(tmp_path: Path) -> tuple[list[str], Path]:
     trace.write_text(LIGHT_TRACE)
     argv = ["bench", "slo", "--trace", str(trace), "--family", "sd15", "--workers", "2", "--time-scale", "2"]
     return argv, tmp_path / "slo.json"
+
+
+def prompt_bench(tmp_path: Path, opt: str) -> dict[str, Any]:
+    """The light bench replayed without and with `opt`, its requests' prompts from a set of two."""
+    argv, out = light_bench(tmp_path)
+    options = ["--warmup", "1", "--opt", opt, "--prompts", "zipf:distinct=2,s=1", "--json", str(out)]
+    assert main([*argv, *options]) == 0
+    figures: dict[str, Any] = json.loads(out.read_text())
+    assert [run["opt"] for run in figures["runs"]] == ["none", opt]
+    return figures
 
 
 def test_a_short_trace_replays_on_time_and_reports_slo_figures(
@@ -44,20 +55,7 @@ def test_a_short_trace_replays_on_time_and_reports_slo_figures(
 def test_the_embedding_cache_is_measured_against_a_baseline_in_the_same_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv, out = light_bench(tmp_path)
-    options = [
-        "--warmup",
-        "1",
-        "--opt",
-        "embed-cache",
-        "--prompts",
-        "zipf:distinct=2,s=1",
-        "--json",
-        str(out),
-    ]
-    assert main([*argv, *options]) == 0
-    figures = json.loads(out.read_text())
-    assert [run["opt"] for run in figures["runs"]] == ["none", "embed-cache"]
+    figures = prompt_bench(tmp_path, "embed-cache")
     assert figures["runs"][0]["embedding_cache"] is None
     [speedup] = figures["speedup"]
     assert (
@@ -90,6 +88,38 @@ def test_async_lora_loading_is_measured_against_synchronous_loading_with_its_qua
     for entry in quality["by_async_steps"]:
         assert entry["unpatched_calls"] == 2 * entry["async_steps"]  # the slow store: the whole bound
         assert entry["pixel_mse_late_vs_sync"] > 0
+
+
+def test_approximate_caching_is_measured_against_the_exact_path_with_its_quality_cost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    figures = prompt_bench(tmp_path, "approx-cache")
+    assert figures["runs"][0]["approx_cache"] is None
+    [speedup] = figures["speedup"]
+    # tenant A (text-to-image) repeats or neighbours its first prompt: the later ones resume from it
+    resumed = speedup["approx_cache"]
+    assert resumed["requests_resumed"] >= 1, figures
+    assert 15 <= resumed["skipped_steps_per_resumed_request"] <= 25  # 0.3-0.5 of 50 steps (words)
+    quality = figures["approx_quality"]
+    assert quality["steps"] == 50 and len(quality["by_pair"]) == 5
+    same = quality["by_pair"][0]
+    assert same["pair"] == "same prompt" and same["pixel_mse_donor_vs_exact"] == 0
+    assert all(pair["skipped_steps"] > 0 and pair["pixel_mse_vs_exact"] >= 0 for pair in quality["by_pair"])
+
+
+def test_approximate_caching_needs_prompts_that_resemble_each_other() -> None:
+    argv = [
+        "bench",
+        "slo",
+        "--trace",
+        "poisson:rate=1,duration=5",
+        "--family",
+        "sd15",
+        "--opt",
+        "approx-cache",
+    ]
+    with pytest.raises(SystemExit, match="--opt approx-cache needs --prompts"):
+        main(argv)
 
 
 def test_async_lora_needs_requests_that_use_loras() -> None:
