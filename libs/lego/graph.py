@@ -78,10 +78,12 @@ class ApproxSite:
     init: str  # held (`after`) until the lookup has decided where the loop starts
     encoder: str  # the prompt's text-encoder node: it reports the signature
     # what requests must share for one's latents to serve another: the text encoder (the
-    # signature's space), denoiser, scheduler, LoRAs, steps, size and CFG on or off
+    # signature's space), denoiser, scheduler, LoRAs, steps, size, guidance scale and negative
+    # prompt (the seed is not: a hit hands over the donor's sample, as NIRVANA's do)
     context: str
     steps: int
     iterations: tuple[tuple[str, ...], ...]  # node ids of each iteration; its scheduler node last
+    repeats: int = 0  # iterations the scheduler spends twice on its first timestep (PNDM: 1)
 
 
 @dataclass
@@ -410,22 +412,29 @@ def _approx_site(
     encoder = nodes[prompt.node]
     encoder.signature_of = "pooled" if "pooled" in encoder.outputs else prompt.output
     init.after = frozenset({encoder.id})
+    negative = inputs.get("negative_prompt_embeds")
+    negative_text = nodes[negative.node].inputs.get("text", "") if isinstance(negative, Ref) and cfg else ""
     shared = (encoder.model, loop.model, init.model, patches, steps, inputs["height"], inputs["width"])
-    context = "|".join(map(str, (*shared, "cfg" if cfg else "no-cfg")))
-    return ApproxSite(loop.id, init.id, encoder.id, context, steps, iterations)
+    context = "|".join(map(str, (*shared, inputs["guidance_scale"], negative_text)))
+    repeats = int(loop.attributes.get("extra_iterations", "0"))
+    return ApproxSite(loop.id, init.id, encoder.id, context, steps, iterations, repeats)
 
 
 CACHED_LATENTS = Ref("approx-cache", "latents")  # not a node: the cached tensor a resumed loop reads
 RESUMED_MODES = {"init": "init_from_latents", "init_flow": "init_flow_from_latents"}
 
 
-def resume_from_cache(graph: RequestGraph, skip: int) -> RequestGraph:
-    """The graph whose approximate-cache loop skips its first `skip` iterations: its init starts at
-    timestep index `skip` from CACHED_LATENTS (a similar request's latent after `skip` iterations),
-    the next iteration reads the init's outputs, and steps count from there (as img2img's do)."""
+def resume_from_cache(graph: RequestGraph, start: int) -> RequestGraph:
+    """The graph whose approximate-cache loop resumes from CACHED_LATENTS, a similar request's
+    latent after `start` iterations: its init begins at timestep index `start`, its first
+    `start - repeats` iterations are gone (a scheduler that spends its first timestep twice, PNDM,
+    does so again from there), the next one reads the init's outputs, and steps count from there
+    (as img2img's do)."""
     site = graph.approx
-    if site is None or not 0 < skip < len(site.iterations):
-        raise ValueError(f"cannot skip {skip} iterations of {len(site.iterations) if site else 0}")
+    iterations = len(site.iterations) if site else 0
+    if site is None or not site.repeats < start < iterations - site.repeats:
+        raise ValueError(f"cannot resume after {start} of {iterations} iterations")
+    skip = start - site.repeats
     dropped = {node_id for iteration in site.iterations[:skip] for node_id in iteration}
     last = site.iterations[skip - 1][-1]  # the scheduler node whose outputs iteration `skip` read
     nodes: dict[str, TaskNode] = {}
@@ -438,7 +447,7 @@ def resume_from_cache(graph: RequestGraph, skip: int) -> RequestGraph:
         }
         if node_id == site.init:
             remaining = len(site.iterations) - skip
-            inputs |= {"cached_latents": CACHED_LATENTS, "first_index": skip, "iterations": remaining}
+            inputs |= {"cached_latents": CACHED_LATENTS, "first_index": start, "iterations": remaining}
             node = replace(node, mode=RESUMED_MODES[node.mode], after=frozenset())
         elif node.step:
             inputs["step_index"] = node.step - 1 - skip  # its step is its iteration's index + 1

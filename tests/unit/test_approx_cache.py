@@ -15,7 +15,8 @@ from lego_worker.prompt_signatures import embedding_signature, word_signature
 from tests.unit.test_scheduler import costs, outputs_of
 
 STEPS = 10
-ITERATIONS = STEPS + 1  # PNDM's extra one
+ITERATIONS = STEPS + 1  # PNDM's extra one: it spends its first timestep twice
+REPEATS = 1
 
 
 def graph(prompt: str = "p", steps: int = STEPS, approx: bool = True):  # type: ignore[no-untyped-def]
@@ -35,6 +36,9 @@ def test_more_similar_prompts_skip_more_steps_at_most_half() -> None:
         0,
     ]
     assert candidate_skips(2, 3) == [1]  # never every iteration, never none
+    # PNDM: its latent after its first iteration is a half step, and a resumed loop repeats one
+    assert candidate_skips(STEPS, ITERATIONS, REPEATS) == [2, 3, 4, 5]
+    assert candidate_skips(2, 3, REPEATS) == []
 
 
 def test_a_lookup_takes_the_closest_entry_of_its_context_at_the_largest_skip_allowed() -> None:
@@ -52,6 +56,16 @@ def test_a_lookup_takes_the_closest_entry_of_its_context_at_the_largest_skip_all
     assert sorted(map(str, cache.retained("b"))) == ["b10", "b5"]
 
 
+def test_a_lookup_takes_the_entry_that_saves_most_not_only_the_most_similar() -> None:
+    cache = ApproxCache(capacity_bytes=10_000)
+    cache.insert("ctx", [1.0, 0.0], "near", {25: ("near25", 100, "h0")})  # needs 0.95
+    cache.insert("ctx", [0.8, 0.6], "far", {15: ("far15", 100, "h0")})  # needs 0.85
+    hit = cache.lookup("ctx", [0.95, 0.31], 50)  # near 0.951 allows 25; far 0.947 allows 20
+    assert hit is not None and hit.handle == "near25"
+    hit = cache.lookup("ctx", [0.92, 0.39], 50)  # near 0.921 allows 20 (it holds 25); far 0.971
+    assert hit is not None and hit.handle == "far15"
+
+
 def test_eviction_drops_the_least_beneficial_unpinned_item_and_frees_it() -> None:
     cache = ApproxCache(capacity_bytes=300)
     cache.insert("ctx", [1.0, 0.0], "a", {5: ("a5", 100, "h0"), 25: ("a25", 100, "h0")})
@@ -66,6 +80,15 @@ def test_eviction_drops_the_least_beneficial_unpinned_item_and_frees_it() -> Non
     cache.insert("ctx", [0.8, 0.6], "e", {25: ("e25", 100, "h0")})  # b10's 20 = d20's 20: the older
     assert cache.take_dead() == ["b10"]
     assert cache.stats.evicted == 3 and len(cache) == 3
+
+
+def test_a_full_cache_never_evicts_the_entry_it_is_filling() -> None:
+    cache = ApproxCache(capacity_bytes=150)
+    cache.insert("ctx", [1.0, 0.0], "a", {5: ("a5", 100, "h0"), 10: ("a10", 100, "h0")})
+    assert cache.retained("a") == ["a5"] and cache.take_dead() == []  # a10: the donor's Free frees it
+    cache.insert("ctx", [0.0, 1.0], "b", {5: ("b5", 100, "h0"), 10: ("b10", 100, "h0")})
+    assert cache.take_dead() == ["a5"] and cache.retained("b") == ["b5"]
+    assert (len(cache), cache.used_bytes) == (1, 100)
 
 
 def test_an_item_too_large_for_what_is_not_pinned_is_not_kept() -> None:
@@ -105,23 +128,25 @@ def test_resuming_drops_exactly_the_first_k_iterations_and_starts_from_the_cache
     request = graph()
     site = request.approx
     assert site is not None
-    resumed = resume_from_cache(request, 4)
+    assert site.repeats == REPEATS
+    resumed = resume_from_cache(request, 4)  # after 4 iterations: 3 gone, PNDM repeats one again
     per_iteration = len(site.iterations[0])  # two UNet branches and the scheduler's step
-    assert len(request.nodes) - len(resumed.nodes) == 4 * per_iteration == 12
+    assert len(request.nodes) - len(resumed.nodes) == 3 * per_iteration == 9
     init = resumed.nodes[site.init]
     assert init.mode == "init_from_latents" and init.after == frozenset()
-    assert (init.inputs["first_index"], init.inputs["iterations"]) == (4, ITERATIONS - 4)
+    assert (init.inputs["first_index"], init.inputs["iterations"]) == (4, ITERATIONS - 3)
     assert init.inputs["cached_latents"] == CACHED_LATENTS and CACHED_LATENTS not in resumed.consumers
-    first = [resumed.nodes[n] for n in site.iterations[4]]
+    first = [resumed.nodes[n] for n in site.iterations[3]]
     assert {first[0].inputs["sample"], first[-1].inputs["latents"]} == {
         Ref(site.init, "model_input"),
         Ref(site.init, "latents"),
     }
     steps = [n for n in resumed.nodes.values() if n.step]
-    assert [n.inputs["step_index"] for n in steps] == list(range(ITERATIONS - 4))
-    assert [(n.step, n.total_steps) for n in steps][-1] == (ITERATIONS - 4, ITERATIONS - 4)
-    with pytest.raises(ValueError, match="cannot skip 11 iterations of 11"):
-        resume_from_cache(request, ITERATIONS)
+    assert [n.inputs["step_index"] for n in steps] == list(range(ITERATIONS - 3))
+    assert [(n.step, n.total_steps) for n in steps][-1] == (ITERATIONS - 3, ITERATIONS - 3)
+    for start in (1, ITERATIONS - 1):  # a half step of PNDM's warm-up; nothing left to repeat
+        with pytest.raises(ValueError, match=f"cannot resume after {start} of 11 iterations"):
+            resume_from_cache(request, start)
 
 
 def test_approx_caching_is_refused_with_a_controlnet_or_img2img() -> None:
@@ -162,11 +187,12 @@ def test_a_similar_request_resumes_from_the_first_ones_latent_and_says_how_many_
     assert first.skipped_steps == 0 and first.nodes_executed == len(graph().nodes)
     kept = scheduler.retained_tensors("a")  # its latents after 1, 2, 3, 4 and 5 iterations
     assert sorted(map(str, kept)) == sorted(
-        f"h:a/denoise_loop_2/step{k - 1}/scheduler/latents" for k in candidate_skips(STEPS, ITERATIONS)
+        f"h:a/denoise_loop_2/step{k - 1}/scheduler/latents"
+        for k in candidate_skips(STEPS, ITERATIONS, REPEATS)
     )
     second, dispatched = run(scheduler, "b", "a red fox", [0.99, 0.1])  # cosine 0.995: half
-    assert second.skipped_steps == 5
-    assert second.nodes_executed == first.nodes_executed - 5 * 3
+    assert second.skipped_steps == 4  # from the latent after 5 iterations; PNDM repeats one
+    assert second.nodes_executed == first.nodes_executed - 4 * 3
     [init] = [
         t for d in dispatched for t in d.tasks if t.node.op == "noise_scheduler" and "init" in t.node.mode
     ]
@@ -189,9 +215,12 @@ def test_a_host_that_leaves_takes_its_latents_out_of_the_cache() -> None:
     scheduler = Scheduler(costs())
     scheduler.add_worker("w0", host="h0")
     run(scheduler, "a", "p", [1.0])
-    assert len(scheduler.approx) == 5
+    kept = scheduler.retained_tensors("a")
+    assert len(kept) == len(scheduler.approx) == 4
+    scheduler.take_dead_tensors()
     scheduler.remove_worker("w0")
     assert len(scheduler.approx) == 0
+    assert sorted(map(str, scheduler.take_dead_tensors())) == sorted(map(str, kept))  # freed there
 
 
 def test_a_cached_latent_is_never_freed_by_the_request_that_reads_it() -> None:

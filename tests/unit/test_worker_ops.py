@@ -86,3 +86,29 @@ def test_unknown_preset_and_bad_model_id_are_named(executor: Executor) -> None:
         executor.run("vae", "tiny-nothing:vae", "decode", [{}])
     with pytest.raises(ValueError, match="'<source>:<component>'"):
         executor.run("vae", "no-component", "decode", [{}])
+
+
+def test_a_resumed_pndm_loop_warms_up_again_on_the_rest_of_the_exact_schedule() -> None:
+    """PNDM (SD 1.5) spends its first timestep twice; resumed after K iterations from the latent
+    the exact run had there, it does so again: the exact schedule from index K, the timestep after
+    K repeated."""
+    from lego_worker.ops import SchedulerStates, scheduler_init_from_latents
+    from lego_worker.presets import build_sd15_scheduler
+
+    template, states = build_sd15_scheduler(), SchedulerStates()
+    exact = template.__class__.from_config(template.config)
+    exact.set_timesteps(10)
+    latent = np.zeros((1, 4, 8, 8), dtype=np.float32)
+    item = {
+        "state_key": "r/loop",
+        "steps": 10,
+        "iterations": 11 - 5 + 1,
+        "first_index": 5,
+        "cached_latents": latent,
+    }
+    outputs = scheduler_init_from_latents(template, item, states)
+    resumed = states.get("r/loop").timesteps
+    expected = [*exact.timesteps[5:7].tolist(), *exact.timesteps[6:].tolist()]
+    assert resumed[5:].tolist() == expected and int(outputs["timestep"]) == int(exact.timesteps[5])
+    with pytest.raises(ValueError, match="resumed at index 5 makes 7 timesteps, but the resumed loop has 6"):
+        scheduler_init_from_latents(template, {**item, "iterations": 6, "state_key": "r2/loop"}, states)

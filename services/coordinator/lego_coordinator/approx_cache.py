@@ -23,10 +23,13 @@ SKIP_BY_SIMILARITY = ((0.95, 0.5), (0.90, 0.4), (0.85, 0.3), (0.80, 0.2), (0.75,
 DEFAULT_CAPACITY_BYTES = 256 * 2**20
 
 
-def candidate_skips(steps: int, iterations: int) -> list[int]:
-    """The iteration counts a request of `steps` steps could skip (each leaves one run at least)."""
+def candidate_skips(steps: int, iterations: int, repeats: int = 0) -> list[int]:
+    """The iteration counts K after which a request of `steps` steps leaves a latent others could
+    resume from. `repeats`: iterations the scheduler spends twice on one timestep at its start
+    (PNDM's warm-up: 1); its latent after them is not a finished step, and a resumed loop repeats
+    one again, so K must leave more than that to run."""
     skips = {round(share * steps) for _, share in SKIP_BY_SIMILARITY}
-    return sorted(k for k in skips if 0 < k < iterations)
+    return sorted(k for k in skips if repeats < k < iterations - repeats)
 
 
 def allowed_skip(similarity: float, steps: int) -> int:
@@ -99,22 +102,20 @@ class ApproxCache:
         return len(self._items)
 
     def lookup(self, context: str, signature: Sequence[float], steps: int) -> Hit | None:
-        """The most similar entry of the same context, at the largest skip its similarity allows
-        and it holds; the item is pinned."""
+        """The entry of the same context that saves the most (the largest skip its similarity
+        allows and it holds; the more similar among equals); the item is pinned."""
         self.stats.lookups += 1
-        best: tuple[float, _Entry] | None = None
+        best: tuple[int, float, _Item] | None = None
         for entry in self._entries:
-            if entry.context == context and entry.items:
-                similarity = cosine(signature, entry.signature)
-                if best is None or similarity > best[0]:
-                    best = (similarity, entry)
+            if entry.context != context:
+                continue
+            similarity = cosine(signature, entry.signature)
+            usable = [skip for skip in entry.items if skip <= allowed_skip(similarity, steps)]
+            if usable and (best is None or (max(usable), similarity) > best[:2]):
+                best = (max(usable), similarity, entry.items[max(usable)])
         if best is None:
             return None
-        similarity, entry = best
-        usable = [skip for skip in entry.items if skip <= allowed_skip(similarity, steps)]
-        if not usable:
-            return None
-        item = entry.items[max(usable)]
+        _, similarity, item = best
         item.hits += 1
         item.pins += 1
         self.stats.hits += 1
@@ -135,7 +136,7 @@ class ApproxCache:
         """Keep a finished request's latents (those that fit once items worth less are evicted)."""
         entry = _Entry(context, tuple(signature))
         for skip, (handle, nbytes, host) in sorted(latents.items()):
-            if not self._make_room(nbytes):
+            if not self._make_room(nbytes, entry):
                 continue  # not kept: the donor's Free frees it
             item = _Item(next(self._keys), donor, skip, handle, nbytes, host)
             entry.items[skip] = item
@@ -145,9 +146,12 @@ class ApproxCache:
         if entry.items:
             self._entries.append(entry)
 
-    def _make_room(self, nbytes: int) -> bool:
+    def _make_room(self, nbytes: int, building: _Entry) -> bool:
+        """Evict until `nbytes` fit, never an item of the entry being built nor a pinned one."""
         while self.used_bytes + nbytes > self.capacity_bytes:
-            unpinned = [item for _, item in self._items.values() if item.pins == 0]
+            unpinned = [
+                item for entry, item in self._items.values() if item.pins == 0 and entry is not building
+            ]
             if not unpinned:
                 return False
             # LCBFU: the fewest iterations saved over its lifetime, the oldest among equals
@@ -165,10 +169,12 @@ class ApproxCache:
         self.used_bytes -= item.nbytes
 
     def drop_host(self, host: str) -> None:
-        """Forget the latents a host held (it left the cluster: its data engine went with it)."""
+        """Forget the latents a host holds: its last worker left, and its data engine may have gone
+        with it (or stayed: the handles are freed all the same, which costs nothing where it went)."""
         for _, item in list(self._items.values()):
-            if item.host == host:
+            if item.host == host and item.pins == 0:  # a pinned one goes once its reader is done
                 self._remove(item)
+                self._dead.append(item.handle)
 
     def retained(self, donor: str) -> list[object]:
         """The handles of `donor`'s tensors the cache keeps: its request's Free must spare them."""

@@ -952,7 +952,7 @@ class Scheduler:
         if request.site is not None and request.signature and request.hit is None:
             self._keep_latents(request, request.site)
         result = {name: request.produced[ref].handle for name, ref in request.graph.outputs.items()}
-        skipped = request.hit.skip if request.hit else 0
+        skipped = request.hit.skip - request.site.repeats if request.hit and request.site else 0
         executed = len(request.graph.nodes)
         return RequestDone(
             request.request_id, result, executed, request.execution_s, request.unpatched_calls, skipped
@@ -990,7 +990,7 @@ class Scheduler:
     def _keep_latents(self, request: _Request, site: ApproxSite) -> None:
         """A request that ran its whole loop leaves the latents later ones could start from."""
         latents = {}
-        for skip in candidate_skips(site.steps, len(site.iterations)):
+        for skip in candidate_skips(site.steps, len(site.iterations), site.repeats):
             tensor = request.produced.get(Ref(site.iterations[skip - 1][-1], "latents"))
             if tensor is not None:
                 latents[skip] = (tensor.handle, tensor.nbytes, tensor.host)

@@ -215,9 +215,20 @@ def scheduler_init_flow_from_latents(template: Any, item: Item, states: Schedule
 
 def scheduler_init_from_latents(template: Any, item: Item, states: SchedulerStates) -> Outputs:
     """Approximate caching: resume at timestep index `first_index` from a similar request's latent
-    there, with a fresh scheduler (as img2img begins one mid-schedule)."""
+    there, with a fresh scheduler. One that spends its first timestep twice (PNDM's warm-up:
+    [t0, t1, t1, t2, ...]) does so again from there: the timestep after the resumed one is
+    repeated, so the loop runs one iteration more than the rest of the exact schedule."""
     offset = int(item["first_index"])
-    scheduler = _set_timesteps(template, item, states, offset)
+    scheduler = states.create(item["state_key"], template, offset)
+    scheduler.set_timesteps(item["steps"])
+    timesteps = scheduler.timesteps
+    if len(torch.unique(timesteps)) < len(timesteps):
+        scheduler.timesteps = torch.cat([timesteps[: offset + 2], timesteps[offset + 1 :]])
+    if len(scheduler.timesteps) - offset != item["iterations"]:
+        raise ValueError(
+            f"{type(scheduler).__name__} resumed at index {offset} makes {len(scheduler.timesteps) - offset} "
+            f"timesteps, but the resumed loop has {item['iterations']} iterations"
+        )
     return _next_inputs(scheduler, torch.from_numpy(np.array(item["cached_latents"])), offset)
 
 
