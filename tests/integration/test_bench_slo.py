@@ -99,11 +99,13 @@ def test_approximate_caching_is_measured_against_the_exact_path_with_its_quality
     # tenant A (text-to-image) repeats or neighbours its first prompt: the later ones resume from it
     resumed = speedup["approx_cache"]
     assert resumed["requests_resumed"] >= 1, figures
-    assert 15 <= resumed["skipped_steps_per_resumed_request"] <= 25  # 0.3-0.5 of 50 steps (words)
+    # 30-50 % of 50 steps by shared words, less the one PNDM repeats (SD 1.5)
+    assert 14 <= resumed["skipped_steps_per_resumed_request"] <= 24
     quality = figures["approx_quality"]
     assert quality["steps"] == 50 and len(quality["by_pair"]) == 5
     same = quality["by_pair"][0]
     assert same["pair"] == "same prompt" and same["pixel_mse_donor_vs_exact"] == 0
+    assert same["pixel_mse_vs_exact"] < 1.0  # resumed on its own trajectory
     assert all(pair["skipped_steps"] > 0 and pair["pixel_mse_vs_exact"] >= 0 for pair in quality["by_pair"])
 
 
