@@ -52,7 +52,7 @@ def test_a_lookup_takes_the_closest_entry_of_its_context_at_the_largest_skip_all
     hit = cache.lookup("ctx", [0.5, 0.85], 50)  # closest to b (0.99), which holds 10 at most
     assert hit is not None and (hit.skip, hit.handle) == (10, "b10")
     assert cache.lookup("ctx", [0.0, -1.0], 50) is None  # nothing close enough
-    assert (cache.stats.lookups, cache.stats.hits, cache.stats.skipped_iterations) == (4, 2, 35)
+    assert (cache.stats.lookups, cache.stats.hits, cache.stats.iterations_reused) == (4, 2, 35)
     assert sorted(map(str, cache.retained("b"))) == ["b10", "b5"]
 
 

@@ -13,9 +13,10 @@ and frequently used": its hits times the iterations it saves). Items in use by a
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 # (minimum cosine similarity, share of the steps skipped), most similar first: NIRVANA's K ∈ {5, 10,
 # 15, 20, 25} of 50 steps, by similarity band
@@ -40,19 +41,18 @@ def allowed_skip(similarity: float, steps: int) -> int:
     return 0
 
 
-def cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    if len(a) != len(b):
-        return -1.0
-    dot = sum(x * y for x, y in zip(a, b, strict=True))
-    norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norms if norms > 0 else -1.0
+def unit(signature: Sequence[float]) -> np.ndarray:
+    """The signature scaled to length 1 (zeros stay zeros: similar to nothing)."""
+    vector = np.asarray(signature, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
 
 
 @dataclass
 class ApproxStats:
     lookups: int = 0
     hits: int = 0
-    skipped_iterations: int = 0
+    iterations_reused: int = 0  # of the donors' loops, by the hits (their latents after K)
     inserted: int = 0  # items
     evicted: int = 0
 
@@ -69,10 +69,10 @@ class _Item:
     pins: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # entries are told apart by identity
 class _Entry:
     context: str
-    signature: tuple[float, ...]
+    signature: np.ndarray  # unit length
     items: dict[int, _Item] = field(default_factory=dict)  # skip → item
 
 
@@ -105,11 +105,12 @@ class ApproxCache:
         """The entry of the same context that saves the most (the largest skip its similarity
         allows and it holds; the more similar among equals); the item is pinned."""
         self.stats.lookups += 1
+        query = unit(signature)
         best: tuple[int, float, _Item] | None = None
         for entry in self._entries:
-            if entry.context != context:
+            if entry.context != context or entry.signature.shape != query.shape:
                 continue
-            similarity = cosine(signature, entry.signature)
+            similarity = float(query @ entry.signature)
             usable = [skip for skip in entry.items if skip <= allowed_skip(similarity, steps)]
             if usable and (best is None or (max(usable), similarity) > best[:2]):
                 best = (max(usable), similarity, entry.items[max(usable)])
@@ -119,7 +120,7 @@ class ApproxCache:
         item.hits += 1
         item.pins += 1
         self.stats.hits += 1
-        self.stats.skipped_iterations += item.skip
+        self.stats.iterations_reused += item.skip
         return Hit(item.key, item.skip, similarity, item.handle, item.nbytes, item.host)
 
     def unpin(self, key: int) -> None:
@@ -134,7 +135,7 @@ class ApproxCache:
         latents: dict[int, tuple[object, int, str]],  # skip → (handle, bytes, host)
     ) -> None:
         """Keep a finished request's latents (those that fit once items worth less are evicted)."""
-        entry = _Entry(context, tuple(signature))
+        entry = _Entry(context, unit(signature))
         for skip, (handle, nbytes, host) in sorted(latents.items()):
             if not self._make_room(nbytes, entry):
                 continue  # not kept: the donor's Free frees it

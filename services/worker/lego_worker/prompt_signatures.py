@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-WORD_DIMENSIONS = 4096
+WORD_DIMENSIONS = 1024  # a prompt's few dozen words rarely share one (and it travels with the result)
 
 
 def _unit(vector: np.ndarray) -> list[float]:
