@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -49,6 +49,7 @@ class CostModel:
     _limits: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _reports: dict[tuple[str, str, str, int], deque[float]] = field(default_factory=dict, repr=False)
     _lora_fetches: deque[float] = field(default_factory=lambda: deque(maxlen=LEARNING_WINDOW), repr=False)
+    _loads: dict[str, float] = field(default_factory=dict, repr=False)
 
     def _profile_name(self, model: str) -> str | None:
         try:
@@ -100,6 +101,11 @@ class CostModel:
         return LORA_FETCH_S / self.time_scale
 
     def load_s(self, model: str) -> float:
+        if model not in self._loads:
+            self._loads[model] = self._profiled_load_s(model)
+        return self._loads[model]
+
+    def _profiled_load_s(self, model: str) -> float:
         name = self._profile_name(model)
         if self.profiles is not None and name is not None:
             try:
@@ -166,6 +172,34 @@ class CostModel:
     def work_s(self, nodes: Iterable[TaskNode]) -> float:
         """Device-seconds of these nodes run one by one (an upper bound used for backlog)."""
         return sum(self.exec_s(node) + self.overhead_s for node in nodes)
+
+    def pending_s(self, pending: PendingWork) -> float:
+        """`work_s` of the nodes counted in `pending`, at the current estimates."""
+        return sum(
+            count * (self.exec_s(pending.examples[kind]) + self.overhead_s)
+            for kind, count in pending.counts.items()
+            if count
+        )
+
+
+class PendingWork:
+    """Nodes not done yet, counted by what prices them: admission sums the backlog of every request
+    in flight at each arrival, and a few kinds per request (FLUX.1-dev: 6 kinds, 110 nodes) keep that
+    cheap on large clusters."""
+
+    def __init__(self, nodes: Iterable[TaskNode] = ()) -> None:
+        self.counts: Counter[tuple[str, str, str, int]] = Counter()
+        self.examples: dict[tuple[str, str, str, int], TaskNode] = {}
+        for node in nodes:
+            self.add(node)
+
+    def add(self, node: TaskNode, count: int = 1) -> None:
+        kind = (node.op, node.model, node.mode, _pixels(node))
+        self.examples.setdefault(kind, node)
+        self.counts[kind] += count
+
+    def subtract(self, other: PendingWork) -> None:
+        self.counts.subtract(other.counts)
 
 
 def _same_batch(a: TaskNode, b: TaskNode) -> bool:

@@ -16,11 +16,19 @@ It holds each request's DAG state and decides, on every `schedule(now)`, what ru
   `shepherd` to a share planned from the observed request mix, `clockwork` lets any workflow run on
   any worker (preferring one that holds its models, swapping otherwise).
 
-The coordinator service and the simulator drive this same object.
+The coordinator service and the simulator drive this same object. A round must not scan every
+request or worker of a large cluster, so the scheduler keeps indexes up to date as it goes (open
+requests, their remaining work, deadlines, holders of each model, free workers in
+`placement.WorkerPools`, the ready queue in `ready_queue.ReadyQueue`), prices only the workers that
+can be cheapest for a batch, parks noise-scheduler nodes bound to a full worker, and tells a batch
+that would wait for its model's holders so before pricing any worker. tests/unit/test_placement.py
+checks that these shortcuts dispatch exactly as the plain computation does.
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import itertools
 import math
 from collections import Counter, defaultdict
@@ -32,7 +40,9 @@ from lego.graph import CACHED_LATENTS, ApproxSite, Ref, RequestGraph, TaskNode, 
 from lego.values import Scalar
 
 from lego_coordinator.approx_cache import ApproxCache, Hit, candidate_skips
-from lego_coordinator.costs import CostModel
+from lego_coordinator.costs import CostModel, PendingWork
+from lego_coordinator.placement import WorkerPools
+from lego_coordinator.ready_queue import ReadyQueue
 
 POLICIES = ("lego", "static", "clockwork", "shepherd")
 FailureCode = Literal["unavailable", "deadline", "cancelled", "internal"]
@@ -177,6 +187,7 @@ class _Request:
     work_ratio: float = 1.0  # standalone time ÷ one-by-one work: what batching saves
     readers: dict[Ref, int] = field(default_factory=dict)  # consumers still to read each tensor
     kept: set[Ref] = field(default_factory=set)  # freed only with the request (outputs, replay inputs)
+    pending: PendingWork = field(default_factory=PendingWork)  # its nodes not done yet, for admission
 
     def __post_init__(self) -> None:
         self.site = self.graph.approx
@@ -264,7 +275,7 @@ class Scheduler:
         self.max_in_flight = max_in_flight if policy == "lego" else 1
         self._requests: dict[str, _Request] = {}
         self._workers: dict[str, _Worker] = {}
-        self._ready: set[tuple[str, str]] = set()
+        self._ready = ReadyQueue(self._priority)
         self._in_flight: dict[str, Dispatch] = {}
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
@@ -275,6 +286,19 @@ class Scheduler:
         self._pending_s: defaultdict[str, float] = defaultdict(float)  # model → seconds of work not done yet
         self._dead: list[object] = []  # handles of tensors no node will read again
         self.approx = approx_cache or ApproxCache()
+        # Indexes kept up to date so a scheduling round does not scan every request or worker:
+        self._open: dict[str, _Request] = {}  # requests not finished, in admission order
+        self._model_users: Counter[str] = Counter()  # model → open requests whose graph uses it
+        self._deadlines: list[tuple[float, int, str]] = []  # heap of open requests' deadlines
+        self._by_deadline: list[tuple[float, int, str]] = []  # open requests, sorted by deadline
+        # the work open requests have left, summed per work ratio (requests of one workflow share it)
+        self._pending_by_ratio: dict[float, PendingWork] = {}
+        self._holders: defaultdict[str, set[str]] = defaultdict(set)  # model → workers it is loaded on
+        self._pools: WorkerPools[_Worker] = WorkerPools()  # active workers with room
+        self._idle: set[str] = set()  # active workers with nothing in flight
+        self._draining: set[str] = set()
+        self._full_holders: dict[str, list[_Worker]] = {}  # model → its holders with no room, this round
+        self._preloads: Counter[str] = Counter()  # model → workers loading it ahead of its work
 
     # ---- membership ----
 
@@ -284,7 +308,31 @@ class Scheduler:
             worker = _Worker(worker_id, host, next(self._worker_index))
             self._workers[worker_id] = worker
             self._plan = {}
-        worker.loaded.update(loaded or [])
+            self._refresh(worker)
+        self._hold(worker, worker.loaded | set(loaded or []))
+
+    def _refresh(self, worker: _Worker) -> None:
+        """File the worker anew in the placement indexes: its queue, membership or draining changed."""
+        member = self._workers.get(worker.worker_id) is worker
+        active = member and not worker.draining
+        room = len(worker.in_flight) < self.max_in_flight
+        self._pools.update(worker, active and room)
+        if room or not member:
+            self._ready.unpark(worker.worker_id)
+        if active and not worker.in_flight:
+            self._idle.add(worker.worker_id)
+        else:
+            self._idle.discard(worker.worker_id)
+
+    def _hold(self, worker: _Worker, models: set[str]) -> None:
+        """The models now resident on the worker (`_holders` follows)."""
+        for model in worker.loaded - models:
+            self._holders[model].discard(worker.worker_id)
+        for model in models - worker.loaded:
+            self._holders[model].add(worker.worker_id)
+        if models != worker.loaded:
+            worker.loaded = models
+            self._refresh(worker)
 
     def remove_worker(self, worker_id: str) -> list[Event]:
         """A worker died or left: its in-flight nodes run again elsewhere, and per-request scheduler
@@ -293,6 +341,10 @@ class Scheduler:
         if worker is None:
             return []
         self._plan = {}
+        self._draining.discard(worker_id)
+        self._preloads.subtract(worker.preloading)
+        self._refresh(worker)
+        self._hold(worker, set())
         if worker.host and all(w.host != worker.host for w in self._workers.values()):
             self.approx.drop_host(worker.host)  # its data engine, and the latents there, are gone
         requeued: list[tuple[_Request, str]] = []
@@ -316,9 +368,7 @@ class Scheduler:
             if missing:
                 request.remaining[node_id] = missing
                 self._ready.discard((request.request_id, node_id))
-        for request in self._requests.values():
-            if request.finished:
-                continue
+        for request in list(self._open.values()):
             if request.worker == worker_id:  # monolithic: the whole request starts over
                 self._restart(request)
                 continue
@@ -345,14 +395,13 @@ class Scheduler:
         for node in lost:
             if node.id in request.done:
                 request.done.discard(node.id)
-                self._pending_s[node.model] += self.costs.exec_s(node)
+                self._count_pending(request, node, +1)
         self._ready.add((request.request_id, request.replay[0]))
 
     def _restart(self, request: _Request) -> None:
         request.readers = dict(request.graph.consumers)
         for node_id in request.done:
-            node = request.graph.nodes[node_id]
-            self._pending_s[node.model] += self.costs.exec_s(node)
+            self._count_pending(request, request.graph.nodes[node_id], +1)
         request.worker = None
         request.done.clear()
         request.running.clear()
@@ -361,8 +410,28 @@ class Scheduler:
         request.replay.clear()
         request.execution_s = 0.0
         request.unpatched_calls = 0
-        self._ready = {e for e in self._ready if e[0] != request.request_id}
+        self._unready(request)
         self._init_readiness(request)
+
+    def _count_pending(self, request: _Request, node: TaskNode, sign: int) -> None:
+        """A node of the request is (+1) or is no longer (-1) work to do."""
+        self._pending_s[node.model] += sign * self.costs.exec_s(node)
+        request.pending.add(node, sign)
+        if self._open.get(request.request_id) is request:
+            self._pending_by_ratio.setdefault(request.work_ratio, PendingWork()).add(node, sign)
+
+    def _unready(self, request: _Request, graph: RequestGraph | None = None) -> None:
+        for node_id in (graph or request.graph).nodes:
+            self._ready.discard((request.request_id, node_id))
+
+    def _close(self, request: _Request) -> None:
+        """The request is finished, failed or released: it leaves the open-request indexes."""
+        if self._open.get(request.request_id) is request:
+            del self._open[request.request_id]
+            self._model_users.subtract(request.models)
+            self._pending_by_ratio[request.work_ratio].subtract(request.pending)
+            key = (request.deadline, request.seq, request.request_id)
+            del self._by_deadline[bisect.bisect_left(self._by_deadline, key)]
 
     # ---- draining (scale-down without failing a request) ----
 
@@ -373,7 +442,9 @@ class Scheduler:
         worker = self._workers.get(worker_id)
         if worker is not None and not worker.draining:
             worker.draining = True
+            self._draining.add(worker_id)
             self._plan = {}
+            self._refresh(worker)
 
     def drained(self, worker_id: str) -> bool:
         worker = self._workers.get(worker_id)
@@ -382,17 +453,16 @@ class Scheduler:
         serving = self._requests.get(worker.serving) if worker.serving else None
         if serving is not None and not serving.finished:
             return False
-        return not any(
-            worker_id in request.state_workers.values()
-            for request in self._requests.values()
-            if not request.finished
-        )
+        return not any(worker_id in request.state_workers.values() for request in self._open.values())
 
     def draining_workers(self) -> set[str]:
         return {w.worker_id for w in self._workers.values() if w.draining}
 
     def _active(self) -> list[_Worker]:
         return [w for w in self._workers.values() if not w.draining]
+
+    def _active_count(self) -> int:
+        return len(self._workers) - len(self._draining)
 
     def ready_by_model(self) -> dict[str, int]:
         """Ready nodes per model: the queue depth that drives worker autoscaling."""
@@ -404,8 +474,10 @@ class Scheduler:
         LoRAs it holds (None: not reported)."""
         worker = self._workers.get(worker_id)
         if worker is not None:
-            worker.loaded = set(models)
-            worker.preloading -= worker.loaded
+            self._hold(worker, set(models))
+            arrived = worker.preloading & worker.loaded
+            worker.preloading -= arrived
+            self._preloads.subtract(arrived)
             if loras is not None:
                 worker.loras = set(loras)
 
@@ -416,12 +488,12 @@ class Scheduler:
 
     def _backlog_s(self, deadline: float = math.inf) -> float:
         """Work per worker that runs before a request with this deadline (earliest deadline first)."""
-        work = 0.0
-        for request in self._requests.values():
-            if not request.finished and request.deadline <= deadline:
-                pending = [n for n in request.graph.nodes.values() if n.id not in request.done]
-                work += self.costs.work_s(pending) * request.work_ratio
-        return work / max(1, len(self._active()))
+        work = sum(ratio * self.costs.pending_s(pending) for ratio, pending in self._pending_by_ratio.items())
+        later = bisect.bisect_right(self._by_deadline, (deadline, math.inf))
+        for _, _, request_id in self._by_deadline[later:]:
+            request = self._open[request_id]
+            work -= request.work_ratio * self.costs.pending_s(request.pending)
+        return max(0.0, work) / max(1, self._active_count())
 
     def admit(
         self, request_id: str, workflow: str, graph: RequestGraph, now: float, slo_s: float | None = None
@@ -437,7 +509,7 @@ class Scheduler:
             reason = f"slo_ms must be at least its execution time on an idle worker, {floor * 1000:.1f} ms"
             return Admission(False, reason, deadline, standalone, standalone, unmeetable=True)
         if self.policy == "lego" and self.enforce_slo:
-            if not self._active():
+            if not self._active_count():
                 return Admission(False, "no workers are serving", deadline, math.inf, standalone)
             estimate = self._backlog_s(deadline) + standalone
             # Alone on the cluster a request is admitted whatever the estimate says: refusing it
@@ -447,7 +519,7 @@ class Scheduler:
                 return Admission(
                     False,
                     f"cannot meet its SLO: estimated {estimate:.3f}s of {slo:.3f}s "
-                    f"({len(self._active())} workers busy)",
+                    f"({self._active_count()} workers busy)",
                     deadline,
                     estimate,
                     standalone,
@@ -457,11 +529,16 @@ class Scheduler:
         work = self.costs.work_s(graph.nodes.values())
         request.work_ratio = standalone / work if work > 0 else 1.0
         request.models = frozenset(node.model for node in graph.nodes.values())
-        self._init_readiness(request)
         self._requests[request_id] = request
+        self._init_readiness(request)
+        self._open[request_id] = request
+        self._model_users.update(request.models)
+        bisect.insort(self._by_deadline, (deadline, request.seq, request_id))
+        if math.isfinite(deadline):
+            heapq.heappush(self._deadlines, (deadline, request.seq, request_id))
         self._arrivals[workflow] += 1
         for node in graph.nodes.values():
-            self._pending_s[node.model] += self.costs.exec_s(node)
+            self._count_pending(request, node, +1)
         return Admission(True, "", deadline, estimate, standalone)
 
     def as_placed(self, workflow: str, graph: RequestGraph) -> RequestGraph:
@@ -494,7 +571,8 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is not None:
             self._unpin(request)
-        self._ready = {entry for entry in self._ready if entry[0] != request_id}
+            self._close(request)
+            self._unready(request)
         if request is not None and request.worker in self._workers:
             worker = self._workers[request.worker]
             if worker.serving == request_id:
@@ -507,7 +585,7 @@ class Scheduler:
         return [self._fail(request, "cancelled", "cancelled")]
 
     def in_flight_requests(self) -> int:
-        return sum(1 for r in self._requests.values() if not r.finished)
+        return len(self._open)
 
     def ready_count(self) -> int:
         return len(self._ready)
@@ -524,11 +602,16 @@ class Scheduler:
         return decisions
 
     def _drop_expired(self, now: float, events: list[Event]) -> None:
-        for request in self._requests.values():
-            if not request.finished and now > request.deadline:
-                waited, slo = now - request.arrival, request.deadline - request.arrival
-                message = f"deadline passed after {waited:.3f}s (SLO {slo:.3f}s)"
-                events.append(self._fail(request, message, "deadline"))
+        expired = []
+        while self._deadlines and now > self._deadlines[0][0]:
+            _, seq, request_id = heapq.heappop(self._deadlines)
+            request = self._open.get(request_id)
+            if request is not None and request.seq == seq:  # not a later request with a reused id
+                expired.append(request)
+        for request in sorted(expired, key=lambda r: r.seq):
+            waited, slo = now - request.arrival, request.deadline - request.arrival
+            message = f"deadline passed after {waited:.3f}s (SLO {slo:.3f}s)"
+            events.append(self._fail(request, message, "deadline"))
 
     def _priority(self, entry: tuple[str, str]) -> tuple[float, int, int, int]:
         """Earliest deadline first (arrival order among requests without one), then depth."""
@@ -542,11 +625,23 @@ class Scheduler:
 
     def _ready_queue(self) -> list[tuple[str, str]]:
         queue = []
-        for entry in sorted(self._ready, key=self._priority):
+        for entry in self._ready.ordered():
             request = self._requests[entry[0]]
             if not self._blocked(request, request.graph.nodes[entry[1]]):
                 queue.append(entry)
         return queue
+
+    def _held_up_on(self, entry: tuple[str, str]) -> str | None:
+        """The worker a noise-scheduler node must wait for: its request's state lives there, and it
+        has no room (or is gone). Under load most ready entries are these: they are parked on that
+        worker until it frees, each being a batch of its own."""
+        request = self._requests[entry[0]]
+        node = request.graph.nodes[entry[1]]
+        if not node.state_key or node.state_key not in request.state_workers or not _stateful(node):
+            return None
+        holder_id = request.state_workers[node.state_key]
+        holder = self._workers.get(holder_id)
+        return holder_id if holder is None or len(holder.in_flight) >= self.max_in_flight else None
 
     def _node(self, entry: tuple[str, str]) -> TaskNode:
         return self._requests[entry[0]].graph.nodes[entry[1]]
@@ -577,13 +672,14 @@ class Scheduler:
         return batches
 
     def _split_for_parallelism(
-        self, batches: list[list[tuple[str, str]]], idle: int
+        self, batches: list[list[tuple[str, str]]], idle: int, held_up: int = 0
     ) -> list[list[tuple[str, str]]]:
         """With idle workers to spare, run a batch's members side by side when that is faster. Only
         while there are more idle workers than unfinished requests: a split batch costs a device
         more than the batched call, which only pays while the devices would otherwise sit idle (in
-        simulation, splitting under load nearly doubled GPU-seconds and raised median latency)."""
-        spare = idle - len(batches)
+        simulation, splitting under load nearly doubled GPU-seconds and raised median latency).
+        `held_up` batches wait for a worker with no room: they count as taking an idle one."""
+        spare = idle - len(batches) - held_up
         if idle <= self.in_flight_requests():
             return batches
         for batch in sorted(batches, key=len, reverse=True):
@@ -610,7 +706,17 @@ class Scheduler:
             return load
         return load + self._lora_fetch_s(worker, node)
 
-    def _cost(self, worker: _Worker, nodes: list[TaskNode], request_ids: list[str], now: float) -> float:
+    def _inputs(self, batch: list[tuple[str, str]]) -> list[Tensor]:
+        """The tensors the batch reads that exist already (what placing it may have to move)."""
+        tensors = []
+        for request_id, node_id in batch:
+            request = self._requests[request_id]
+            for value in request.graph.nodes[node_id].inputs.values():
+                if isinstance(value, Ref) and value in request.produced:
+                    tensors.append(request.produced[value])
+        return tensors
+
+    def _cost(self, worker: _Worker, nodes: list[TaskNode], inputs: list[Tensor], now: float) -> float:
         """A batch that may start without its LoRAs is still placed as if it waited for them: it
         starts their fetch where it runs, and the loop's later steps need them there."""
         node = nodes[0]
@@ -618,47 +724,72 @@ class Scheduler:
         if all(member.patches_optional for member in nodes):
             load += self._lora_fetch_s(worker, node)
         transfer = 0.0
-        for member, request_id in zip(nodes, request_ids, strict=True):
-            request = self._requests[request_id]
-            for value in member.inputs.values():
-                if isinstance(value, Ref) and value in request.produced:
-                    tensor = request.produced[value]
-                    transfer += self.costs.transfer_s(tensor.nbytes, tensor.host == worker.host)
+        for tensor in inputs:
+            transfer += self.costs.transfer_s(tensor.nbytes, tensor.host == worker.host)
         execution = self.costs.exec_s(node, len(nodes)) + self.costs.overhead_s
         return max(0.0, worker.busy_until - now) + load + transfer + execution
 
     def _schedule_lego(self, now: float, decisions: Decisions) -> None:
-        available = [w for w in self._workers.values() if len(w.in_flight) < self.max_in_flight]
-        if not available:
+        self._pools.advance(now)
+        self._full_holders.clear()
+        if not self._has_room():
             return
-        idle = sum(1 for w in self._active() if not w.in_flight)
-        queue = self._ready_queue()
-        batches = self._split_for_parallelism(self._form_batches(queue, idle), idle)
+        idle = len(self._idle)
+        runnable = []
+        for entry in self._ready_queue():
+            holder = self._held_up_on(entry)
+            if holder is None:
+                runnable.append(entry)
+            else:
+                self._ready.park(entry, holder)
+        batches = self._form_batches(runnable, idle)
+        batches = self._split_for_parallelism(batches, idle, held_up=self._ready.parked())
         batches.sort(key=lambda batch: self._priority(batch[0]))
         waiting: Counter[str] = Counter()  # batches of each model left this round for its holders
         for batch in batches:
-            if not available:
+            if not self._has_room():
                 break
-            nodes = [self._node(e) for e in batch]
-            request = self._requests[batch[0][0]]
-            candidates = [w for w in available if not w.draining]
-            if nodes[0].state_key and nodes[0].state_key in request.state_workers:
-                candidates = [
-                    w for w in available if w.worker_id == request.state_workers[nodes[0].state_key]
-                ]
-            candidates = self._safe_for_deferred(batch, candidates)
-            if not candidates:
+            if self._waits_for_holders(batch, now, waiting):
                 continue
-            worker = min(
-                candidates, key=lambda w: (self._cost(w, nodes, [e[0] for e in batch], now), w.index)
-            )
-            if self._wait_for_holder(batch, worker, now, waiting):
+            worker = self._place(batch, now)
+            if worker is None or self._wait_for_holder(batch, worker, now, waiting):
                 continue
             self._dispatch(batch, worker, now, decisions)
-            if len(worker.in_flight) >= self.max_in_flight:
-                available.remove(worker)
         self._chain(now, decisions)
         self._preload_hot_models(decisions)
+
+    def _has_room(self) -> bool:
+        """Whether some worker can take a batch (a draining one only for requests whose state it holds)."""
+        return len(self._pools) > 0 or any(
+            w.draining and len(w.in_flight) < self.max_in_flight for w in self._workers.values()
+        )
+
+    def _place(self, batch: list[tuple[str, str]], now: float) -> _Worker | None:
+        """The cheapest worker for the batch (ties to the lowest index), if any may take it. A node
+        of a request's noise-scheduler state goes where that state is; a batch without LoRA patches
+        is priced on the few workers `WorkerPools.finalists` names, which include the cheapest."""
+        nodes = [self._node(e) for e in batch]
+        node, request = nodes[0], self._requests[batch[0][0]]
+        pinned = request.state_workers.get(node.state_key) if node.state_key else None
+        holder = self._workers.get(pinned) if pinned is not None else None
+        if pinned is not None and (holder is None or len(holder.in_flight) >= self.max_in_flight):
+            return None
+        hosts, waiting = self._deferred_constraints(batch)
+        if holder is not None:
+            candidates = [holder]
+        elif node.patches or waiting:
+            candidates = [
+                w for w in self._workers.values() if not w.draining and len(w.in_flight) < self.max_in_flight
+            ]
+        else:
+            candidates = self._pools.finalists(node.model, hosts)
+        candidates = [
+            w for w in candidates if (not hosts or hosts == {w.host}) and w.worker_id not in waiting
+        ]
+        if not candidates:
+            return None
+        inputs = self._inputs(batch)
+        return min(candidates, key=lambda w: (self._cost(w, nodes, inputs, now), w.index))
 
     def _chain(self, now: float, decisions: Decisions) -> None:
         """Under light load, queue on a worker the successors of the batches it holds whose every
@@ -666,7 +797,7 @@ class Scheduler:
         waiting for a round trip through the coordinator (its inputs arrive lazily on the worker's
         own data engine). Only when no ready work waits and no more requests are unfinished than
         there are workers: a chained node is not batched with nodes that become ready later."""
-        if self._ready or self.in_flight_requests() > len(self._active()):
+        if self._ready or self.in_flight_requests() > self._active_count():
             return
         for worker in self._active():
             if 0 < len(worker.in_flight) < self.max_in_flight:
@@ -712,8 +843,19 @@ class Scheduler:
     def _batch_limit(self, node: TaskNode) -> int:
         return 1 if _stateful(node) else self.costs.batch_limits(node)[0]
 
+    def _waits_for_holders(self, batch: list[tuple[str, str]], now: float, waiting: Counter[str]) -> bool:
+        """`_wait_for_holder` before pricing any worker, where its answer cannot depend on the worker
+        chosen: no worker with room holds or preloads the model, so the cheapest one would load it.
+        Under load most batches that wait are these, again at every round until a holder frees."""
+        node = self._node(batch[0])
+        if node.patches or node.state_key or not len(self._pools) or self._preloads[node.model] > 0:
+            return False
+        if self._pools.holds(node.model) or any(self._deferred_constraints(batch)):
+            return False
+        return self._wait_for_holder(batch, None, now, waiting)
+
     def _wait_for_holder(
-        self, batch: list[tuple[str, str]], chosen: _Worker, now: float, waiting: Counter[str]
+        self, batch: list[tuple[str, str]], chosen: _Worker | None, now: float, waiting: Counter[str]
     ) -> bool:
         """Whether a batch whose cheapest free worker would have to load its model should rather
         queue for the full workers that hold it: when they free, with the batches already left for
@@ -724,19 +866,16 @@ class Scheduler:
         workers that held it while its requests missed their deadlines. A holder overdue by more
         than a load is not waited for."""
         node = self._node(batch[0])
-        if node.model in chosen.loaded or node.model in chosen.preloading:
+        if chosen is not None and (node.model in chosen.loaded or node.model in chosen.preloading):
             return False
         load = self.costs.load_s(node.model)
-        holders = self._safe_for_deferred(
-            batch,
-            [
+        if node.model not in self._full_holders:  # the same for every batch until the next dispatch
+            self._full_holders[node.model] = [
                 w
-                for w in self._active()
-                if node.model in w.loaded
-                and len(w.in_flight) >= self.max_in_flight
-                and w.busy_until > now - load
-            ],
-        )
+                for w in map(self._workers.__getitem__, self._holders[node.model])
+                if not w.draining and len(w.in_flight) >= self.max_in_flight and w.busy_until > now - load
+            ]
+        holders = self._safe_for_deferred(batch, self._full_holders[node.model])
         if not holders:
             return False
         free_in = min(max(0.0, w.busy_until - now) for w in holders)
@@ -748,45 +887,59 @@ class Scheduler:
 
     def _users(self, model: str) -> int:
         """Unfinished requests whose graph uses `model`: the most replicas that can work at once."""
-        return sum(1 for r in self._requests.values() if not r.finished and model in r.models)
+        return self._model_users[model]
 
     def _safe_for_deferred(self, batch: list[tuple[str, str]], candidates: list[_Worker]) -> list[_Worker]:
-        """Workers a batch may go to without deadlock or a pull of a tensor not yet made: a consumer
-        of a pending deferred input stays on its producer's host (pending handles name no location);
-        a producer never queues behind a consumer already waiting for it."""
+        hosts, waiting = self._deferred_constraints(batch)
+        if not hosts and not waiting:
+            return candidates
+        return [w for w in candidates if (not hosts or hosts == {w.host}) and w.worker_id not in waiting]
+
+    def _deferred_constraints(self, batch: list[tuple[str, str]]) -> tuple[set[str], set[str]]:
+        """Where a batch may go without deadlock or a pull of a tensor not yet made: a consumer of a
+        pending deferred input stays on its producer's host (pending handles name no location: the
+        hosts returned, if any), and a producer never queues behind a consumer already waiting for
+        it (the workers returned)."""
         hosts: set[str] = set()
         waiting: set[str] = set()
         for request_id, node_id in batch:
             request = self._requests[request_id]
             node = request.graph.nodes[node_id]
-            for value in node.inputs.values():
+            for name in node.deferred:  # only inputs read deferred can be pending
+                value = node.inputs.get(name)
                 if isinstance(value, Ref) and value not in request.produced:
                     producer_worker = self._workers.get(request.placed_on.get(value.node, ""))
                     if producer_worker is not None:
                         hosts.add(producer_worker.host)
-            waiting |= {
-                request.placed_on[s] for s in request.early_successors[node_id] if s in request.running
-            }
-        return [w for w in candidates if (not hosts or hosts == {w.host}) and w.worker_id not in waiting]
+            if request.early_successors[node_id]:
+                waiting |= {
+                    request.placed_on[s] for s in request.early_successors[node_id] if s in request.running
+                }
+        return hosts, waiting
 
     def _preload_hot_models(self, decisions: Decisions) -> None:
         """Scale a model out before its work is ready: when the work admitted but not yet done for it
         exceeds, per replica, both PRELOAD_BACKLOG_S and its load time (so the load pays off), an idle
         worker loads it now. One preload per model at a time: replicas grow step by step."""
-        idle = [w for w in self._active() if not w.in_flight]
+        if not self._idle:
+            return
+        idle: list[_Worker] | None = None  # sorted when a model first needs one
         for model, pending in sorted(self._pending_s.items(), key=lambda item: -item[1]):
-            if not idle or pending <= 0:
+            if idle == [] or pending <= 0:
                 return
-            if any(model in w.preloading for w in self._workers.values()):
-                continue
-            replicas = sum(1 for w in self._active() if model in w.loaded)
+            replicas = len(self._holders[model] - self._draining)
             if pending / max(1, replicas) < max(PRELOAD_BACKLOG_S, self.costs.load_s(model)):
                 continue
             if self._users(model) <= replicas:  # one request's steps run one after another
                 continue
+            if self._preloads[model] > 0:
+                continue
+            if idle is None:
+                idle = sorted(map(self._workers.__getitem__, self._idle), key=lambda w: w.index)
             target = next((w for w in idle if model not in w.loaded and model not in w.preloading), None)
             if target is not None:
                 target.preloading.add(model)
+                self._preloads[model] += 1
                 idle.remove(target)
                 decisions.preloads.append(Preload(target.worker_id, model))
 
@@ -821,6 +974,7 @@ class Scheduler:
             batch_id, worker.worker_id, first.op, first.model, first.mode, tasks, first.patches, now
         )
         self._ready.difference_update(batch)
+        self._full_holders.clear()
         self._in_flight[batch_id] = dispatch
         worker.in_flight.append(batch_id)
         load = self._load_s(worker, [task.node for task in tasks])
@@ -828,6 +982,7 @@ class Scheduler:
         worker.busy_until = (
             max(now, worker.busy_until) + load + self.costs.exec_s(first, len(batch)) + self.costs.overhead_s
         )
+        self._refresh(worker)
         decisions.dispatches.append(dispatch)
 
     # ---- monolithic baselines ----
@@ -850,9 +1005,10 @@ class Scheduler:
         self._planned_at = now
 
     def _schedule_monolithic(self, now: float, decisions: Decisions) -> None:
-        waiting = sorted(
-            (r for r in self._requests.values() if not r.finished and r.worker is None), key=lambda r: r.seq
-        )
+        queues: defaultdict[str, list[tuple[str, str]]] = defaultdict(list)  # by request
+        for entry in self._ready_queue():
+            queues[entry[0]].append(entry)
+        waiting = sorted((r for r in self._open.values() if r.worker is None), key=lambda r: r.seq)
         for request in waiting:
             free = [w for w in self._allowed_workers(request.workflow, now) if w.serving is None]
             if not free:
@@ -868,7 +1024,7 @@ class Scheduler:
             if serving is None or serving.finished:
                 worker.serving = None
                 continue
-            queue = [e for e in self._ready_queue() if e[0] == serving.request_id]
+            queue = queues[serving.request_id]
             if queue:
                 key = _batch_key(self._node(queue[0]))
                 limit = 1 if _stateful(self._node(queue[0])) else len(queue)
@@ -898,6 +1054,7 @@ class Scheduler:
             worker.in_flight.remove(batch_id)
             if not worker.in_flight:
                 worker.busy_until = now
+            self._refresh(worker)
             if execution_s is not None:  # what the batch cost beyond its execution, as seen from here
                 turnaround = now - max(dispatch.sent_at, worker.last_done_at)
                 self.costs.observe_overhead(turnaround - execution_s - loading_s)
@@ -919,7 +1076,7 @@ class Scheduler:
             node = task.node
             request.running.discard(node.id)
             if node.id not in request.done:
-                self._pending_s[node.model] -= self.costs.exec_s(node)
+                self._count_pending(request, node, -1)
                 request.unpatched_calls += task.task_id in unpatched
             for name, tensor in outputs.get(task.task_id, {}).items():
                 request.produced[Ref(node.id, name)] = tensor
@@ -947,6 +1104,7 @@ class Scheduler:
 
     def _finish(self, request: _Request) -> RequestDone:
         request.finished = True
+        self._close(request)
         self._free_worker(request)
         self._unpin(request)
         if request.site is not None and request.signature and request.hit is None:
@@ -977,14 +1135,14 @@ class Scheduler:
             hit.handle, hit.nbytes, hit.host
         )
         for node_id in before.nodes.keys() - request.graph.nodes.keys():
-            dropped = before.nodes[node_id]
-            self._pending_s[dropped.model] -= self.costs.exec_s(dropped)
-            self._ready.discard((request.request_id, node_id))
-        init = request.graph.nodes[site.init]  # in its new mode, which may cost otherwise
-        self._pending_s[init.model] += self.costs.exec_s(init) - self.costs.exec_s(before.nodes[site.init])
+            self._count_pending(request, before.nodes[node_id], -1)
+        # the init runs in its new mode, which may cost otherwise
+        self._count_pending(request, before.nodes[site.init], -1)
+        self._count_pending(request, request.graph.nodes[site.init], +1)
         for ref, count in before.consumers.items():  # reads of the dropped nodes will not come
             if ref in request.readers:
                 request.readers[ref] -= count - request.graph.consumers.get(ref, 0)
+        self._unready(request, before)  # what stays is queued anew: the rewrite changed depths
         self._init_readiness(request)
 
     def _keep_latents(self, request: _Request, site: ApproxSite) -> None:
@@ -1026,6 +1184,7 @@ class Scheduler:
         worker = self._workers.get(dispatch.worker_id)
         if worker is not None:
             worker.in_flight.remove(batch_id)
+            self._refresh(worker)
         events: list[Event] = []
         for request_id in dict.fromkeys(task.request_id for task in dispatch.tasks):
             request = self._requests.get(request_id)
@@ -1041,12 +1200,13 @@ class Scheduler:
 
     def _fail(self, request: _Request, message: str, code: FailureCode) -> RequestFailed:
         request.finished = True
+        self._close(request)
         self._unpin(request)
         for node in request.graph.nodes.values():
             if node.id not in request.done:
-                self._pending_s[node.model] -= self.costs.exec_s(node)
+                self._count_pending(request, node, -1)
         self._free_worker(request)
-        self._ready = {entry for entry in self._ready if entry[0] != request.request_id}
+        self._unready(request)
         return RequestFailed(request.request_id, message, code)
 
 

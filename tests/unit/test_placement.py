@@ -1,0 +1,171 @@
+"""The scheduler's shortcuts for large clusters decide exactly as pricing every worker would.
+
+Placement prices only `WorkerPools.finalists`, noise-scheduler nodes bound to a full worker are
+parked, and batches that would wait for their model's holders are told so before any worker is
+priced. Each is checked against the plain computation, and the whole scheduler against itself with
+the shortcuts turned off: the same dispatches, to the same workers, at the same times.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
+from lego.traces import parse_synthetic
+from lego_cli.workloads import assign_tenants, warmup_of, workload
+from lego_coordinator import scheduler as core
+from lego_coordinator.placement import WorkerPools
+from lego_coordinator.ready_queue import ReadyQueue
+from lego_coordinator.simulator import Arrival, Simulator
+
+MODELS = ("unet", "vae", "controlnet")
+
+
+@dataclass
+class FakeWorker:
+    index: int
+    host: str
+    busy_until: float
+    loaded: set[str] = field(default_factory=set)
+
+
+workers_strategy = st.lists(
+    st.tuples(
+        st.sampled_from(["h0", "h1", "h2"]),
+        st.integers(0, 8).map(lambda quarter: quarter / 4),  # exact in binary: ties stay ties
+        st.sets(st.sampled_from(MODELS)),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    workers_strategy,
+    st.sampled_from(MODELS),
+    st.integers(0, 4).map(lambda quarter: quarter / 4),
+    st.sets(st.sampled_from(["h0", "h1", "h2"])),
+)
+def test_the_cheapest_worker_is_always_among_the_finalists(
+    specs: list[tuple[str, float, set[str]]], model: str, now: float, hosts: set[str]
+) -> None:
+    workers = [FakeWorker(i, host, busy, loaded) for i, (host, busy, loaded) in enumerate(specs)]
+    pools: WorkerPools[FakeWorker] = WorkerPools()
+    pools.advance(now / 2)  # filed at an earlier time, then advanced: idle ones move over
+    for worker in workers:
+        pools.update(worker, True)
+    pools.advance(now)
+    transfer = {"h0": 0.0, "h1": 0.5, "h2": 0.25}  # moving the inputs to each host
+
+    def cost(worker: FakeWorker) -> tuple[float, int]:
+        load = 0.0 if model in worker.loaded else 1.5
+        return max(0.0, worker.busy_until - now) + load + transfer[worker.host] + 0.75, worker.index
+
+    allowed = [w for w in workers if not hosts or w.host in hosts]
+    finalists = pools.finalists(model, frozenset(hosts))
+    assert {w.index for w in finalists} <= {w.index for w in allowed}
+    if allowed:
+        assert min(finalists, key=cost) is min(allowed, key=cost)
+        assert len(finalists) <= 4 * len({w.host for w in allowed})
+    else:
+        assert finalists == []
+
+
+def test_a_worker_refiled_with_other_work_or_without_room_moves_or_leaves() -> None:
+    pools: WorkerPools[FakeWorker] = WorkerPools()
+    pools.advance(0.0)
+    a, b = FakeWorker(0, "h", 0.0, {"unet"}), FakeWorker(1, "h", 0.0)
+    pools.update(a, True)
+    pools.update(b, True)
+    assert {w.index for w in pools.finalists("unet")} == {0}
+    a.busy_until = 2.0  # a batch was queued on it
+    pools.update(a, True)
+    assert {w.index for w in pools.finalists("unet")} == {0, 1}  # b idle, a the holder with work
+    pools.advance(2.0)  # its work has ended
+    assert {w.index for w in pools.finalists("unet")} == {0}
+    pools.update(a, False)  # no room
+    assert {w.index for w in pools.finalists("unet")} == {1} and len(pools) == 1
+
+
+def test_the_ready_queue_lists_by_priority_and_parks_until_its_worker_frees() -> None:
+    priority = {("r", "a"): (2,), ("r", "b"): (1,), ("r", "c"): (3,)}
+    queue = ReadyQueue(priority.__getitem__)
+    queue.update([("r", "a"), ("r", "b"), ("r", "c")])
+    assert queue.ordered() == [("r", "b"), ("r", "a"), ("r", "c")]
+    queue.park(("r", "b"), "w1")
+    queue.discard(("r", "c"))
+    assert queue.ordered() == [("r", "a")] and len(queue) == 2 and ("r", "b") in queue
+    assert queue.parked() == 1
+    queue.add(("r", "c"))  # re-added after removal: listed once
+    queue.add(("r", "b"))  # parked: stays parked
+    assert queue.ordered() == [("r", "a"), ("r", "c")]
+    queue.unpark("w1")
+    assert queue.ordered() == [("r", "b"), ("r", "a"), ("r", "c")] and queue.parked() == 0
+    queue.park(("r", "a"), "w2")
+    queue.discard(("r", "a"))  # a parked entry that leaves is forgotten there too
+    queue.unpark("w2")
+    assert queue.ordered() == [("r", "b"), ("r", "c")] and queue.parked() == 0
+
+
+def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, str, tuple[str, ...]]]:
+    """Every dispatch (time, worker, tasks) of a loaded two-family mix on 6 simulated GPUs."""
+    if not shortcuts:
+        monkeypatch.setattr(
+            WorkerPools,
+            "finalists",
+            lambda self, model, hosts=frozenset(): [
+                f.worker for f in self._filed.values() if not hosts or f.worker.host in hosts
+            ],
+        )
+        monkeypatch.setattr(core.Scheduler, "_held_up_on", lambda self, entry: None)
+        monkeypatch.setattr(core.Scheduler, "_waits_for_holders", lambda self, batch, now, waiting: False)
+    mix = workload("flux-schnell,sd3-medium")
+    requests = parse_synthetic("poisson:rate=3,duration=40,seed=3")
+    tenants = assign_tenants(requests, sorted(mix.workflows), 0.0, seed=3)
+    arrivals = [Arrival(r.time_s, t, mix.inputs[t]) for r, t in zip(requests, tenants, strict=True)]
+    plan = warmup_of([(a.time_s, a.workflow) for a in arrivals], sorted(mix.workflows), 10.0)
+    warmup = [Arrival(at, tenant, mix.inputs[tenant]) for at, tenant in plan]
+    directory = default_profile_dir()
+    simulator = Simulator(mix.workflows, 6, ProfileSet(directory), "lego", load_batch_sizes(directory))
+    dispatched: list[tuple[float, str, tuple[str, ...]]] = []
+    start = simulator._start
+
+    def record(dispatch: core.Dispatch, now: float) -> None:
+        dispatched.append((now, dispatch.worker_id, tuple(t.task_id for t in dispatch.tasks)))
+        start(dispatch, now)
+
+    monkeypatch.setattr(simulator, "_start", record)
+    summary = simulator.run(arrivals, warmup).summary()
+    assert summary["completed"] > 0 and (summary["rejected"] or summary["dropped"])  # it was loaded
+    return dispatched
+
+
+def test_the_shortcuts_dispatch_exactly_as_pricing_every_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    used: Counter[str] = Counter()
+    park, waits = ReadyQueue.park, core.Scheduler._waits_for_holders
+
+    def counted_park(self: ReadyQueue, entry: tuple[str, str], worker: str) -> None:
+        used["parked"] += 1
+        park(self, entry, worker)
+
+    def counted_waits(
+        self: core.Scheduler, batch: list[tuple[str, str]], now: float, waiting: Counter[str]
+    ) -> bool:
+        answer = waits(self, batch, now, waiting)
+        used["waited"] += answer
+        return answer
+
+    with monkeypatch.context() as fast_run:
+        fast_run.setattr(ReadyQueue, "park", counted_park)
+        fast_run.setattr(core.Scheduler, "_waits_for_holders", counted_waits)
+        fast = _decisions(True, fast_run)
+    with monkeypatch.context() as plain_run:
+        slow = _decisions(False, plain_run)
+    assert used["parked"] > 100 and used["waited"] > 100  # both shortcuts were taken, often
+    assert len(fast) > 1000
+    assert fast == slow
