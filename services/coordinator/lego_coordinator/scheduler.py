@@ -987,8 +987,8 @@ class Scheduler:
 
     # ---- monolithic baselines ----
 
-    def _allowed_workers(self, workflow: str, now: float) -> list[_Worker]:
-        workers = sorted(self._active(), key=lambda w: w.index)
+    def _allowed_workers(self, workflow: str, now: float, workers: list[_Worker]) -> list[_Worker]:
+        """Of the active `workers` (by index), those the workflow may run on."""
         if self.policy == "clockwork" or not workers:
             return workers
         if self.policy == "shepherd" and now - self._planned_at >= SHEPHERD_REPLAN_S:
@@ -1008,15 +1008,8 @@ class Scheduler:
         queues: defaultdict[str, list[tuple[str, str]]] = defaultdict(list)  # by request
         for entry in self._ready_queue():
             queues[entry[0]].append(entry)
-        waiting = sorted((r for r in self._open.values() if r.worker is None), key=lambda r: r.seq)
-        for request in waiting:
-            free = [w for w in self._allowed_workers(request.workflow, now) if w.serving is None]
-            if not free:
-                continue
-            models = {n.model for n in request.graph.nodes.values()}
-            worker = max(free, key=lambda w: (len(models & w.loaded), -w.index))
-            worker.serving = request.request_id
-            request.worker = worker.worker_id
+        self._assign_requests(now)
+
         for worker in self._workers.values():
             if worker.serving is None or worker.in_flight:
                 continue
@@ -1030,6 +1023,34 @@ class Scheduler:
                 limit = 1 if _stateful(self._node(queue[0])) else len(queue)
                 batch = [e for e in queue if _batch_key(self._node(e)) == key][:limit]
                 self._dispatch(batch, worker, now, decisions)
+
+    def _assign_requests(self, now: float) -> None:
+        """FCFS: each waiting request, in arrival order, takes a free worker it may run on (the one
+        holding most of its models). A workflow none of whose workers is free is passed over for
+        the rest of the round (its share is still looked up: that is when shares are replanned)."""
+        workers = sorted(self._active(), key=lambda w: w.index)
+        free_count = sum(1 for w in workers if w.serving is None)
+        allowed: dict[str, list[_Worker]] = {}  # by workflow, while the plan stays the same
+        plan = self._plan
+        for request in list(self._open.values()):  # in arrival order
+            if request.worker is not None:
+                continue
+            if self._plan is not plan:  # replanned (a new workflow came): every share moved
+                allowed.clear()
+                plan = self._plan
+            if request.workflow not in allowed:
+                allowed[request.workflow] = self._allowed_workers(request.workflow, now, workers)
+            if free_count == 0:
+                continue
+            free = [w for w in allowed[request.workflow] if w.serving is None]
+            if not free:
+                allowed[request.workflow] = []
+                continue
+            models = {n.model for n in request.graph.nodes.values()}
+            worker = max(free, key=lambda w: (len(models & w.loaded), -w.index))
+            worker.serving = request.request_id
+            request.worker = worker.worker_id
+            free_count -= 1
 
     # ---- completions ----
 
