@@ -10,7 +10,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lego.builtin_workflows import TINY_SD15_TXT2IMG
 from lego.grpc_server import channel
-from lego.v1 import common_pb2, coordinator_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from lego.v1 import (
+    common_pb2,
+    coordinator_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 from lego.values import Scalar, to_values
 from lego_cli.cluster import EmbeddedCluster
 
@@ -55,6 +62,11 @@ async def test_batched_cfg_branches_give_the_pipelines_image_exactly() -> None:
 
 async def test_split_cfg_branches_differ_by_at_most_one_level_on_a_handful_of_pixels() -> None:
     async with EmbeddedCluster(workers=2) as cluster:  # idle workers: the branches run side by side
+        for worker in (s for s in cluster.services if type(s).__name__ == "WorkerService"):
+            async with channel(worker.address) as chan:  # both hold the UNet: neither has to load it
+                await worker_pb2_grpc.WorkerStub(chan).LoadModel(
+                    worker_pb2.ModelRequest(model="tiny-sd15:unet")
+                )
         reply = await generate(cluster, **SETTINGS)
         async with channel(cluster.coordinator_address) as chan:
             status = await coordinator_pb2_grpc.CoordinatorStub(chan).ClusterStatus(common_pb2.Empty())

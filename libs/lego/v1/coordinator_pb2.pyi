@@ -477,12 +477,17 @@ class TaskBatch(_message.Message):
     TASKS_FIELD_NUMBER: _builtins.int
     PATCHES_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    SIDE_LANE_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     op: _builtins.str
     model: _builtins.str
     mode: _builtins.str
     epoch: _builtins.int
     """the sending leader's term: a worker refuses batches from an older one"""
+    side_lane: _builtins.bool
+    """Run at once, beside the batches queued on the worker, not after them: a noise-scheduler node
+    (a fraction of a millisecond of work that its request's next denoiser call waits for).
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]: ...
     @_builtins.property
@@ -499,10 +504,11 @@ class TaskBatch(_message.Message):
         tasks: _abc.Iterable[Global___Task] | None = ...,
         patches: _abc.Iterable[_common_pb2.Patch] | None = ...,
         epoch: _builtins.int = ...,
+        side_lane: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "epoch", b"epoch", "mode", b"mode", "model", b"model", "op", b"op", "patches", b"patches", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "epoch", b"epoch", "mode", b"mode", "model", b"model", "op", b"op", "patches", b"patches", "side_lane", b"side_lane", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

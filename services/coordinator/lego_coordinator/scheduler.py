@@ -7,7 +7,9 @@ It holds each request's DAG state and decides, on every `schedule(now)`, what ru
   (latency-mode size, throughput-mode size when the ready work outnumbers the idle workers); batches
   are split across idle workers when that finishes sooner (adaptive parallelism, e.g. the two CFG
   branches of a step); each batch goes to the worker where it would finish first (queued work +
-  model load if not resident + input transfer + execution); hot models get preloaded on idle
+  model load if not resident + input transfer + execution); a request's noise-scheduler nodes
+  (fractions of a millisecond each) go to the worker holding its scheduler state at once and run
+  there beside its queue (the side lane), not behind its queued batches; hot models get preloaded on idle
   workers; requests are admitted only if their SLO can be met; a request of a loop with
   approximate caching whose prompt is close to a finished one's resumes from that one's cached
   latent (its graph rewritten, lego.graph `resume_from_cache`), and its misses fill the cache.
@@ -139,6 +141,7 @@ class Dispatch:
     tasks: list[BatchTask]
     patches: tuple[tuple[str, float], ...] = ()
     sent_at: float = 0.0
+    side_lane: bool = False  # runs at once beside the worker's queued batches (a noise-scheduler node)
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,10 @@ class _Worker:
     serving: str | None = None  # monolithic: the request it runs
     preloading: set[str] = field(default_factory=set)
     draining: bool = False  # scale-down: no new work; it leaves once `drained`
+    side: list[str] = field(default_factory=list)  # side-lane batches (noise-scheduler nodes) it runs
+
+    def batches(self) -> list[str]:
+        return self.in_flight + self.side
 
 
 def private_copies(graph: RequestGraph, owner: str) -> RequestGraph:
@@ -313,12 +320,8 @@ class Scheduler:
 
     def _refresh(self, worker: _Worker) -> None:
         """File the worker anew in the placement indexes: its queue, membership or draining changed."""
-        member = self._workers.get(worker.worker_id) is worker
-        active = member and not worker.draining
-        room = len(worker.in_flight) < self.max_in_flight
-        self._pools.update(worker, active and room)
-        if room or not member:
-            self._ready.unpark(worker.worker_id)
+        active = self._workers.get(worker.worker_id) is worker and not worker.draining
+        self._pools.update(worker, active and len(worker.in_flight) < self.max_in_flight)
         if active and not worker.in_flight:
             self._idle.add(worker.worker_id)
         else:
@@ -348,7 +351,7 @@ class Scheduler:
         if worker.host and all(w.host != worker.host for w in self._workers.values()):
             self.approx.drop_host(worker.host)  # its data engine, and the latents there, are gone
         requeued: list[tuple[_Request, str]] = []
-        for batch_id in worker.in_flight:
+        for batch_id in worker.batches():
             dispatch = self._in_flight.pop(batch_id)
             for task in dispatch.tasks:
                 request = self._requests.get(task.request_id)
@@ -448,7 +451,7 @@ class Scheduler:
 
     def drained(self, worker_id: str) -> bool:
         worker = self._workers.get(worker_id)
-        if worker is None or not worker.draining or worker.in_flight:
+        if worker is None or not worker.draining or worker.batches():
             return False
         serving = self._requests.get(worker.serving) if worker.serving else None
         if serving is not None and not serving.finished:
@@ -631,18 +634,6 @@ class Scheduler:
                 queue.append(entry)
         return queue
 
-    def _held_up_on(self, entry: tuple[str, str]) -> str | None:
-        """The worker a noise-scheduler node must wait for: its request's state lives there, and it
-        has no room (or is gone). Under load most ready entries are these: they are parked on that
-        worker until it frees, each being a batch of its own."""
-        request = self._requests[entry[0]]
-        node = request.graph.nodes[entry[1]]
-        if not node.state_key or node.state_key not in request.state_workers or not _stateful(node):
-            return None
-        holder_id = request.state_workers[node.state_key]
-        holder = self._workers.get(holder_id)
-        return holder_id if holder is None or len(holder.in_flight) >= self.max_in_flight else None
-
     def _node(self, entry: tuple[str, str]) -> TaskNode:
         return self._requests[entry[0]].graph.nodes[entry[1]]
 
@@ -672,26 +663,27 @@ class Scheduler:
         return batches
 
     def _split_for_parallelism(
-        self, batches: list[list[tuple[str, str]]], idle: int, held_up: int = 0
+        self, batches: list[list[tuple[str, str]]], idle: int
     ) -> list[list[tuple[str, str]]]:
         """With idle workers to spare, run a batch's members side by side when that is faster. Only
         while there are more idle workers than unfinished requests: a split batch costs a device
         more than the batched call, which only pays while the devices would otherwise sit idle (in
-        simulation, splitting under load nearly doubled GPU-seconds and raised median latency).
-        `held_up` batches wait for a worker with no room: they count as taking an idle one."""
-        spare = idle - len(batches) - held_up
+        simulation, splitting under load nearly doubled GPU-seconds and raised median latency)."""
+        spare = idle - len(batches)
         if idle <= self.in_flight_requests():
             return batches
         for batch in sorted(batches, key=len, reverse=True):
             while spare > 0 and len(batch) > 1:
-                node = self._node(batch[0])
-                together = self.costs.exec_s(node, len(batch))
-                apart = max(self.costs.exec_s(node, len(batch) - 1), self.costs.exec_s(node, 1))
-                if apart >= together:
+                if not self._faster_apart(self._node(batch[0]), len(batch)):
                     break
                 batches.append([batch.pop()])
                 spare -= 1
         return batches
+
+    def _faster_apart(self, node: TaskNode, size: int) -> bool:
+        """Whether a batch of `size` such nodes ends sooner with its last member run elsewhere."""
+        together = self.costs.exec_s(node, size)
+        return max(self.costs.exec_s(node, size - 1), self.costs.exec_s(node, 1)) < together
 
     def _lora_fetch_s(self, worker: _Worker, node: TaskNode) -> float:
         missing = sum(1 for source, _ in node.patches if source not in worker.loras)
@@ -732,29 +724,24 @@ class Scheduler:
     def _schedule_lego(self, now: float, decisions: Decisions) -> None:
         self._pools.advance(now)
         self._full_holders.clear()
-        if not self._has_room():
-            return
+        room = self._has_room()
+        queue = self._ready_queue()
+        if not room:  # only noise-scheduler nodes can go (beside their workers' queues)
+            queue = [entry for entry in queue if self._side_lane(self._node(entry))]
         idle = len(self._idle)
-        runnable = []
-        for entry in self._ready_queue():
-            holder = self._held_up_on(entry)
-            if holder is None:
-                runnable.append(entry)
-            else:
-                self._ready.park(entry, holder)
-        batches = self._form_batches(runnable, idle)
-        batches = self._split_for_parallelism(batches, idle, held_up=self._ready.parked())
+        batches = self._split_for_parallelism(self._form_batches(queue, idle), idle)
         batches.sort(key=lambda batch: self._priority(batch[0]))
         waiting: Counter[str] = Counter()  # batches of each model left this round for its holders
         for batch in batches:
-            if not self._has_room():
-                break
+            if not room and not self._side_lane(self._node(batch[0])):
+                continue
             if self._waits_for_holders(batch, now, waiting):
                 continue
             worker = self._place(batch, now)
             if worker is None or self._wait_for_holder(batch, worker, now, waiting):
                 continue
             self._dispatch(batch, worker, now, decisions)
+            room = room and self._has_room()
         self._chain(now, decisions)
         self._preload_hot_models(decisions)
 
@@ -764,6 +751,14 @@ class Scheduler:
             w.draining and len(w.in_flight) < self.max_in_flight for w in self._workers.values()
         )
 
+    def _side_lane(self, node: TaskNode) -> bool:
+        """Whether the node runs beside its worker's queue: a noise-scheduler node, under lego (the
+        monolithic baselines run a request's nodes one after another on its worker)."""
+        return self.policy == "lego" and _stateful(node)
+
+    def _has_room_for(self, worker: _Worker, node: TaskNode) -> bool:
+        return self._side_lane(node) or len(worker.in_flight) < self.max_in_flight
+
     def _place(self, batch: list[tuple[str, str]], now: float) -> _Worker | None:
         """The cheapest worker for the batch (ties to the lowest index), if any may take it. A node
         of a request's noise-scheduler state goes where that state is; a batch without LoRA patches
@@ -772,7 +767,7 @@ class Scheduler:
         node, request = nodes[0], self._requests[batch[0][0]]
         pinned = request.state_workers.get(node.state_key) if node.state_key else None
         holder = self._workers.get(pinned) if pinned is not None else None
-        if pinned is not None and (holder is None or len(holder.in_flight) >= self.max_in_flight):
+        if pinned is not None and (holder is None or not self._has_room_for(holder, node)):
             return None
         hosts, waiting = self._deferred_constraints(batch)
         if holder is not None:
@@ -800,7 +795,7 @@ class Scheduler:
         if self._ready or self.in_flight_requests() > self._active_count():
             return
         for worker in self._active():
-            if 0 < len(worker.in_flight) < self.max_in_flight:
+            if worker.batches() and len(worker.in_flight) < self.max_in_flight:
                 batch = self._chainable(worker)
                 if batch:
                     for request_id, node_id in batch:
@@ -811,7 +806,7 @@ class Scheduler:
         """The highest-priority group of same-key nodes whose missing producers all run or wait on
         `worker`, if it fits one batch."""
         held: dict[str, set[str]] = defaultdict(set)  # request → its nodes on this worker
-        for batch_id in worker.in_flight:
+        for batch_id in worker.batches():
             for task in self._in_flight[batch_id].tasks:
                 held[task.request_id].add(task.node.id)
         groups: dict[tuple[object, ...], list[tuple[str, str]]] = defaultdict(list)
@@ -836,6 +831,9 @@ class Scheduler:
         # a group that would not fit one batch is left whole to the ready queue: chaining part of it
         # would split what runs together there (a step's two CFG branches, and their denoisers)
         whole = [g for g in groups.values() if len(g) <= self._batch_limit(self._node(g[0]))]
+        if len(self._idle) > self.in_flight_requests():  # idle workers to spare: a group that runs
+            # faster split over them (a step's two CFG branches) goes to the ready queue to be split
+            whole = [g for g in whole if len(g) == 1 or not self._faster_apart(self._node(g[0]), len(g))]
         if not whole:
             return []
         return sorted(min(whole, key=lambda entries: min(map(self._priority, entries))), key=self._priority)
@@ -976,6 +974,11 @@ class Scheduler:
         self._ready.difference_update(batch)
         self._full_holders.clear()
         self._in_flight[batch_id] = dispatch
+        decisions.dispatches.append(dispatch)
+        if self._side_lane(first):  # its queue is not touched
+            dispatch.side_lane = True
+            worker.side.append(batch_id)
+            return
         worker.in_flight.append(batch_id)
         load = self._load_s(worker, [task.node for task in tasks])
         worker.loras.update(source for source, _ in first.patches)  # fetched there from now on
@@ -983,7 +986,6 @@ class Scheduler:
             max(now, worker.busy_until) + load + self.costs.exec_s(first, len(batch)) + self.costs.overhead_s
         )
         self._refresh(worker)
-        decisions.dispatches.append(dispatch)
 
     # ---- monolithic baselines ----
 
@@ -1071,7 +1073,9 @@ class Scheduler:
         if dispatch is None:
             return []  # a stale report (the worker was removed meanwhile): never applied twice
         worker = self._workers.get(dispatch.worker_id)
-        if worker is not None:
+        if worker is not None and batch_id in worker.side:
+            worker.side.remove(batch_id)
+        elif worker is not None:
             worker.in_flight.remove(batch_id)
             if not worker.in_flight:
                 worker.busy_until = now
@@ -1204,7 +1208,7 @@ class Scheduler:
             return []
         worker = self._workers.get(dispatch.worker_id)
         if worker is not None:
-            worker.in_flight.remove(batch_id)
+            (worker.side if batch_id in worker.side else worker.in_flight).remove(batch_id)
             self._refresh(worker)
         events: list[Event] = []
         for request_id in dict.fromkeys(task.request_id for task in dispatch.tasks):

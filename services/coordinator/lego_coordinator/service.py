@@ -85,7 +85,12 @@ def _value(value: object) -> common_pb2.Value:
 
 def _batch_message(dispatch: core.Dispatch, epoch: int) -> coordinator_pb2.CoordinatorMessage:
     batch = coordinator_pb2.TaskBatch(
-        batch_id=dispatch.batch_id, op=dispatch.op, model=dispatch.model, mode=dispatch.mode, epoch=epoch
+        batch_id=dispatch.batch_id,
+        op=dispatch.op,
+        model=dispatch.model,
+        mode=dispatch.mode,
+        epoch=epoch,
+        side_lane=dispatch.side_lane,
     )
     for source, scale in dispatch.patches:
         batch.patches.add(source=source, scale=scale)

@@ -3,14 +3,16 @@
 Workers are modelled from the measured profiles, as the emulated backend models them: a batch takes
 the profiled execution time; a model that is not resident first costs its load time (disk → host the
 first time on a worker, then host → device) and evicts least-recently-used idle models under the
-device memory budget. The scheduler's decisions are taken exactly as in the live coordinator; only
-the clock and the workers are simulated. Pure: no I/O, no wall clock.
+device memory budget. A worker runs its batches one after another, each starting once the inputs it
+was sent before they were made (deferred or chained) have been; a side-lane batch (a noise-scheduler
+node) runs as soon as its inputs are there, beside the worker's queue. The scheduler's decisions are
+taken exactly as in the live coordinator; only the clock and the workers are simulated. Pure: no
+I/O, no wall clock.
 
 Workers start with an empty device and every model prefetched into host memory. A warm-up
 (`run(arrivals, warmup=...)`, e.g. the first seconds of the same trace) runs first, as on a live
 cluster, and is not counted: its loads leave each policy's models where that policy put them; the
-measured arrivals start WARMUP_GAP_S after it has finished.
-"""
+measured arrivals start WARMUP_GAP_S after it has finished."""
 
 from __future__ import annotations
 
@@ -138,6 +140,7 @@ class Simulator:
         self._events: list[tuple[float, int, _Submit | _Done]] = []
         self._seq = itertools.count()
         self._dispatched: dict[str, core.Dispatch] = {}
+        self._ends: dict[str, float] = {}  # task id → when the batch running it ends (while it runs)
 
     def _start_workers(self, arrivals: list[Arrival]) -> None:
         """Every worker's host-memory pool holds the models of the workflows it may serve, as after
@@ -178,16 +181,31 @@ class Simulator:
                 seconds += self.profiles.get(profile_name(model)).disk_to_host_s
         return seconds
 
+    def _inputs_made_at(self, dispatch: core.Dispatch) -> float:
+        """When the inputs the batch was sent before they existed will have been made."""
+        made = 0.0
+        for task in dispatch.tasks:
+            for value in task.inputs.values():
+                if isinstance(value, core.Pending):  # tensor id: request/node/output
+                    made = max(made, self._ends.get(value.tensor_id.rsplit("/", 1)[0], 0.0))
+        return made
+
     def _start(self, dispatch: core.Dispatch, now: float) -> None:
         worker = self.workers[dispatch.worker_id]
-        start = max(now, worker.free_at)
+        start = max(now, self._inputs_made_at(dispatch))
+        if not dispatch.side_lane:
+            start = max(start, worker.free_at)
         load = self._load_s(worker, dispatch.model)
         execution = self.truth.exec_s(dispatch.tasks[0].node, len(dispatch.tasks))
-        worker.free_at = start + load + execution
+        end = start + load + execution
+        if not dispatch.side_lane:
+            worker.free_at = end
         worker.busy_s += load + execution
         self.scheduler.set_loaded(worker.worker_id, worker.cache.resident())
         self._dispatched[dispatch.batch_id] = dispatch
-        self._push(worker.free_at, _Done(dispatch.batch_id, execution, load))
+        for task in dispatch.tasks:
+            self._ends[task.task_id] = end
+        self._push(end, _Done(dispatch.batch_id, execution, load))
 
     def _preload(self, preload: core.Preload, now: float) -> None:
         worker = self.workers[preload.worker_id]
@@ -231,6 +249,8 @@ class Simulator:
                 outcomes[event.request_id] = self._admit(event.request_id, event.arrival, now)
             else:
                 dispatch = self._dispatched.pop(event.batch_id)
+                for task in dispatch.tasks:
+                    self._ends.pop(task.task_id, None)
                 outputs = {
                     t.task_id: {o: core.Tensor(f"{t.task_id}/{o}", 0, "h0") for o in t.node.outputs}
                     for t in dispatch.tasks

@@ -47,6 +47,10 @@ RELEASED_KEPT = 1024
 RELEASED = "request released before its batch could run"
 
 
+def _output_ids(batch: coordinator_pb2.TaskBatch) -> list[str]:
+    return [f"{task.request_id}/{task.node_id}/{name}" for task in batch.tasks for name in task.outputs]
+
+
 class RequestReleased(Exception):
     """A batch's requests were released while it waited for inputs freed with them."""
 
@@ -170,7 +174,11 @@ class WorkerAgent:
         self._write_lock = asyncio.Lock()
         self._published: OrderedDict[str, common_pb2.TensorHandle] = OrderedDict()
         self._released: OrderedDict[str, None] = OrderedDict()  # requests over, newest last
-        self._input_wait: tuple[frozenset[str], asyncio.Future[list[Any]]] | None = None
+        self._input_waits: dict[asyncio.Future[list[Any]], frozenset[str]] = {}  # → their requests
+        self._side_lane: set[asyncio.Task[None]] = set()  # batches running beside the queue
+        # outputs of batches received here and not answered yet: a batch chained behind one of them
+        # (maybe running beside it, on the side lane) waits for its handle
+        self._coming: dict[str, asyncio.Future[common_pb2.TensorHandle]] = {}
 
     async def run(self) -> None:
         """Serve the coordinator forever, reconnecting (to a new leader) when the stream breaks."""
@@ -235,7 +243,13 @@ class WorkerAgent:
                         for task in message.batch.tasks:  # sent after a release: a new submission
                             self._released.pop(task.request_id, None)
                         self.prefetch_inputs(message.batch)
-                        self.queue.put_nowait(message.batch)
+                        self._expect_outputs(message.batch)
+                        if message.batch.side_lane:
+                            beside = asyncio.create_task(self._answer(call, message.batch))
+                            self._side_lane.add(beside)
+                            beside.add_done_callback(self._side_lane.discard)
+                        else:
+                            self.queue.put_nowait(message.batch)
                     elif kind == "release":
                         self._release(message.release.request_id)
                     elif kind == "preload":
@@ -250,7 +264,12 @@ class WorkerAgent:
             finally:
                 self._call = None
                 await cancel_task(runner)
+                for beside in list(self._side_lane):
+                    await cancel_task(beside)
                 self._drop_queued()
+                for coming in self._coming.values():
+                    coming.cancel()
+                self._coming.clear()
 
     def prefetch_inputs(self, batch: coordinator_pb2.TaskBatch) -> None:
         """Start pulling the batch's remote inputs now, while earlier batches still run here."""
@@ -270,19 +289,31 @@ class WorkerAgent:
 
     async def _run_queue(self, call: Any) -> None:
         while True:
-            batch = await self.queue.get()
+            await self._answer(call, await self.queue.get())
+
+    async def _answer(self, call: Any, batch: coordinator_pb2.TaskBatch) -> None:
+        """Run a batch (from the queue, or beside it) and send its result."""
+        try:
             if batch.epoch < self.epoch:
-                stale = coordinator_pb2.BatchResult(
-                    batch_id=batch.batch_id, error=f"stale leader: epoch {batch.epoch} < {self.epoch}"
-                )
-                await self._write(call, coordinator_pb2.WorkerMessage(result=stale))
-                continue
-            self.epoch = batch.epoch
-            if {task.request_id for task in batch.tasks} <= self._released.keys():
+                error = f"stale leader: epoch {batch.epoch} < {self.epoch}"
+                result = coordinator_pb2.BatchResult(batch_id=batch.batch_id, error=error)
+            elif {task.request_id for task in batch.tasks} <= self._released.keys():
+                self.epoch = batch.epoch
                 result = coordinator_pb2.BatchResult(batch_id=batch.batch_id, error=RELEASED)
             else:
+                self.epoch = batch.epoch
                 result = await self._run_batch(batch)
-            await self._write(call, coordinator_pb2.WorkerMessage(result=result))
+        finally:
+            for tensor_id in _output_ids(batch):  # not published (failed, refused): none will be
+                coming = self._coming.pop(tensor_id, None)
+                if coming is not None:
+                    coming.cancel()
+        await self._write(call, coordinator_pb2.WorkerMessage(result=result))
+
+    def _expect_outputs(self, batch: coordinator_pb2.TaskBatch) -> None:
+        loop = asyncio.get_running_loop()
+        for tensor_id in _output_ids(batch):
+            self._coming.setdefault(tensor_id, loop.create_future())
 
     def _drop_queued(self) -> None:
         """The stream broke: the coordinator re-runs whatever it had sent here (or is gone, and its
@@ -298,8 +329,9 @@ class WorkerAgent:
         self._released[request_id] = None
         while len(self._released) > RELEASED_KEPT:
             self._released.popitem(last=False)
-        if self._input_wait is not None and self._input_wait[0] <= self._released.keys():
-            self._input_wait[1].cancel()
+        for fetch, requests in list(self._input_waits.items()):
+            if requests <= self._released.keys():
+                fetch.cancel()
 
     async def _inputs(
         self,
@@ -319,8 +351,10 @@ class WorkerAgent:
                 ready[name] = from_value(value)
                 continue
             handle = value.tensor
-            if tensors.is_pending(handle):  # queued behind its producer here: maybe made already
+            if tensors.is_pending(handle):  # chained behind its producer here: maybe made already
                 handle = self._published.get(handle.tensor_id, handle)
+            if tensors.is_pending(handle) and handle.tensor_id in self._coming:  # being made here
+                handle = await self._made_here(handle.tensor_id)
             if (array := self.data.local(handle)) is not None:
                 ready[name] = array
             elif name in part_inputs and tensors.is_pending(handle):
@@ -330,7 +364,7 @@ class WorkerAgent:
                 waiting[name] = handle
         if waiting:
             fetch = asyncio.gather(*(self.data.get(handle) for handle in waiting.values()))
-            self._input_wait = (requests, fetch)
+            self._input_waits[fetch] = requests
             try:
                 arrays = await fetch
             except asyncio.CancelledError:
@@ -338,14 +372,26 @@ class WorkerAgent:
                     raise
                 raise RequestReleased(RELEASED) from None
             finally:
-                self._input_wait = None
+                del self._input_waits[fetch]
             ready.update(zip(waiting, arrays, strict=True))
         return {name: ready[name] for name in task.inputs}
+
+    async def _made_here(self, tensor_id: str) -> common_pb2.TensorHandle:
+        """The handle of an output a batch on this worker (queued or beside the queue) is making."""
+        try:
+            return await asyncio.shield(self._coming[tensor_id])
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise RuntimeError(f"input {tensor_id} was not made: its batch here failed") from None
 
     def _remember(self, handle: common_pb2.TensorHandle) -> None:
         """Handles of this worker's latest outputs: a node chained behind their producer here gets
         only their ids (lego_coordinator.scheduler `_chain`), and scalars are in no data engine."""
         self._published[handle.tensor_id] = handle
+        coming = self._coming.pop(handle.tensor_id, None)
+        if coming is not None and not coming.done():
+            coming.set_result(handle)
         while len(self._published) > PUBLISHED_KEPT:
             self._published.popitem(last=False)
 
@@ -383,16 +429,23 @@ class WorkerAgent:
                 item = await self._inputs(task, part_inputs, receiving, frozenset(request_ids))
                 item["state_key"] = f"{task.request_id}/{task.state_key}"
                 items.append(item)
-            patches = tuple((p.source, p.scale) for p in batch.patches)
-            optional = all(task.patches_optional for task in batch.tasks)
-            cached, loras = self._cache_stats(), dataclasses.replace(self.executor.loras.stats)
-            publisher = self._part_publisher(batch)
-            outputs = await self.executor.run_async(
-                batch.op, batch.model, batch.mode, items, patches, publisher, optional
-            )
-            self._count_cache(cached)
-            self._count_loras(loras)
-            result.execution_s = self.executor.last_execution_s
+            if batch.side_lane:
+                outputs, result.execution_s = await self.executor.run_beside(
+                    batch.op, batch.model, batch.mode, items
+                )
+                unpatched = False
+            else:
+                patches = tuple((p.source, p.scale) for p in batch.patches)
+                optional = all(task.patches_optional for task in batch.tasks)
+                cached, loras = self._cache_stats(), dataclasses.replace(self.executor.loras.stats)
+                publisher = self._part_publisher(batch)
+                outputs = await self.executor.run_async(
+                    batch.op, batch.model, batch.mode, items, patches, publisher, optional
+                )
+                self._count_cache(cached)
+                self._count_loras(loras)
+                result.execution_s = self.executor.last_execution_s
+                unpatched = self.executor.last_unpatched
             named = [
                 (task.task_id, name, f"{task.request_id}/{task.node_id}/{name}", produced[name])
                 for task, produced in zip(batch.tasks, outputs, strict=True)
@@ -401,7 +454,7 @@ class WorkerAgent:
             stored = [(tensor_id, array) for _, _, tensor_id, array in named if np.ndim(array) > 0]
             handles = iter(await self.data.put_many(stored))
             results = {
-                task.task_id: result.results.add(task_id=task.task_id, unpatched=self.executor.last_unpatched)
+                task.task_id: result.results.add(task_id=task.task_id, unpatched=unpatched)
                 for task in batch.tasks
             }
             for task, item, produced in zip(batch.tasks, items, outputs, strict=True):

@@ -242,6 +242,23 @@ class Executor:
         self._count(len(misses))
         return self._answer(lookup, outputs)
 
+    async def run_beside(
+        self, op: str, model_id: str, mode: str, items: list[Item]
+    ) -> tuple[list[Outputs], float]:
+        """A side-lane batch (a request's noise-scheduler call: a fraction of a millisecond on small
+        tensors, its state the request's own) runs at once, without the device lock that a batch of
+        the queue holds for its whole forward pass, so it never waits behind one. Its outputs and
+        execution seconds (the last-batch fields and the device's busy time are the queue's)."""
+        if model_id not in self.cache:  # its first call here: a load (no device memory), under the lock
+            await asyncio.to_thread(self.load, model_id)
+        started = time.perf_counter()
+        if isinstance(self.backend, EmulatedBackend):
+            seconds, outputs = self.backend.plan(op, model_id, mode, items)
+            await asyncio.sleep(seconds)
+        else:
+            outputs = await asyncio.to_thread(self.backend.run, op, model_id, mode, items, (), None)
+        return outputs, time.perf_counter() - started
+
     @contextlib.asynccontextmanager
     async def _device(self) -> AsyncIterator[None]:
         """The device lock, from the event loop: taken at once when free, else awaited on a thread.
