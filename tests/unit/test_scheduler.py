@@ -395,18 +395,34 @@ def controlnet_graph():  # type: ignore[no-untyped-def]
     return instantiate(spec, resolve_inputs(spec, {"prompt": "p", "steps": 1, "control_image": "a.png"}))
 
 
-def test_a_denoiser_starts_beside_its_running_controlnet_with_pending_residuals() -> None:
-    from lego_coordinator.scheduler import Pending
-
-    scheduler = make(workers=4)
+def controlnet_started(streaming: frozenset[str]) -> tuple[Scheduler, dict[str, Dispatch]]:
+    """Four idle workers (streaming those calls) run a ControlNet request; every batch but the
+    ControlNets completes at once: they stay running."""
+    scheduler = Scheduler(costs())
+    for index in range(4):
+        scheduler.add_worker(f"w{index}", host="h0", streaming=streaming)
     scheduler.admit("r", "cn", controlnet_graph(), 0.0)
     started: dict[str, Dispatch] = {}
-    for _ in range(4):  # complete everything but ControlNets: they stay running
+    for _ in range(4):
         for dispatch in scheduler.schedule(0.0).dispatches:
             for task in dispatch.tasks:
                 started[task.node.id] = dispatch
             if dispatch.op != "controlnet":
                 scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
+    return scheduler, started
+
+
+def test_a_denoiser_waiting_for_whole_residuals_queues_behind_its_controlnet() -> None:
+    _, started = controlnet_started(frozenset())  # residuals travel whole: nothing to gain beside
+    controlnet = started["denoise_loop_3/step0/cond/controlnet"]
+    assert started["denoise_loop_3/step0/cond"].worker_id == controlnet.worker_id
+
+
+def test_a_denoiser_starts_beside_its_running_controlnet_with_pending_residuals() -> None:
+    from lego_coordinator.scheduler import Pending
+
+    controlnet_call = f"controlnet.{controlnet_graph().nodes['denoise_loop_3/step0/cond/controlnet'].mode}"
+    scheduler, started = controlnet_started(frozenset({controlnet_call}))  # its residuals stream
     controlnet = started["denoise_loop_3/step0/cond/controlnet"]
     denoiser = started["denoise_loop_3/step0/cond"]  # dispatched although its residuals are not made yet
     assert controlnet.batch_id in scheduler._in_flight  # still running

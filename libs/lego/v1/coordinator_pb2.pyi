@@ -367,6 +367,7 @@ class WorkerHello(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     LOADED_MODELS_FIELD_NUMBER: _builtins.int
+    STREAMING_CALLS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     address: _builtins.str
     """the worker's own gRPC server"""
@@ -377,6 +378,12 @@ class WorkerHello(_message.Message):
     memory_budget_bytes: _builtins.int
     @_builtins.property
     def loaded_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def streaming_calls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"op.mode" of the calls whose outputs it publishes part by part while they run: a consumer
+        elsewhere starts at once instead of waiting for the whole output (lego_worker.parts)
+        """
+
     def __init__(
         self,
         *,
@@ -387,10 +394,11 @@ class WorkerHello(_message.Message):
         backend: _builtins.str = ...,
         memory_budget_bytes: _builtins.int = ...,
         loaded_models: _abc.Iterable[_builtins.str] | None = ...,
+        streaming_calls: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "dataengine_address", b"dataengine_address", "device", b"device", "loaded_models", b"loaded_models", "memory_budget_bytes", b"memory_budget_bytes", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "dataengine_address", b"dataengine_address", "device", b"device", "loaded_models", b"loaded_models", "memory_budget_bytes", b"memory_budget_bytes", "streaming_calls", b"streaming_calls", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -172,6 +172,7 @@ class _Request:
     # released when this node is dispatched: consumers reading all its outputs as deferred inputs
     early_successors: dict[str, list[str]] = field(default_factory=dict)
     placed_on: dict[str, str] = field(default_factory=dict)  # node → worker it was last dispatched to
+    ends: dict[str, float] = field(default_factory=dict)  # node → when its batch should end (running)
     done: set[str] = field(default_factory=set)
     models: frozenset[str] = frozenset()
     running: set[str] = field(default_factory=set)
@@ -218,6 +219,7 @@ class _Worker:
     serving: str | None = None  # monolithic: the request it runs
     preloading: set[str] = field(default_factory=set)
     draining: bool = False  # scale-down: no new work; it leaves once `drained`
+    streaming: frozenset[str] = frozenset()  # "op.mode" of the calls whose outputs it streams in parts
     side: list[str] = field(default_factory=list)  # side-lane batches (noise-scheduler nodes) it runs
 
     def batches(self) -> list[str]:
@@ -309,10 +311,18 @@ class Scheduler:
 
     # ---- membership ----
 
-    def add_worker(self, worker_id: str, host: str = "", loaded: list[str] | None = None) -> None:
+    def add_worker(
+        self,
+        worker_id: str,
+        host: str = "",
+        loaded: list[str] | None = None,
+        streaming: frozenset[str] = frozenset(),
+    ) -> None:
+        """A worker joined (or reports again): its data engine's host, the models resident on its
+        device, and the calls ("op.mode") whose outputs it streams in parts while they run."""
         worker = self._workers.get(worker_id)
         if worker is None:
-            worker = _Worker(worker_id, host, next(self._worker_index))
+            worker = _Worker(worker_id, host, next(self._worker_index), streaming=streaming)
             self._workers[worker_id] = worker
             self._plan = {}
             self._refresh(worker)
@@ -708,9 +718,13 @@ class Scheduler:
                     tensors.append(request.produced[value])
         return tensors
 
-    def _cost(self, worker: _Worker, nodes: list[TaskNode], inputs: list[Tensor], now: float) -> float:
-        """A batch that may start without its LoRAs is still placed as if it waited for them: it
-        starts their fetch where it runs, and the loop's later steps need them there."""
+    def _cost(
+        self, worker: _Worker, nodes: list[TaskNode], inputs: list[Tensor], now: float, made_at: float = 0.0
+    ) -> float:
+        """When the batch would end there: after the worker's queue and the inputs it must wait for
+        whole (`made_at`), a model load, input transfers and its execution. A batch that may start
+        without its LoRAs is still placed as if it waited for them: it starts their fetch where it
+        runs, and the loop's later steps need them there."""
         node = nodes[0]
         load = self._load_s(worker, nodes)
         if all(member.patches_optional for member in nodes):
@@ -719,7 +733,7 @@ class Scheduler:
         for tensor in inputs:
             transfer += self.costs.transfer_s(tensor.nbytes, tensor.host == worker.host)
         execution = self.costs.exec_s(node, len(nodes)) + self.costs.overhead_s
-        return max(0.0, worker.busy_until - now) + load + transfer + execution
+        return max(0.0, worker.busy_until - now, made_at - now) + load + transfer + execution
 
     def _schedule_lego(self, now: float, decisions: Decisions) -> None:
         self._pools.advance(now)
@@ -770,9 +784,10 @@ class Scheduler:
         if pinned is not None and (holder is None or not self._has_room_for(holder, node)):
             return None
         hosts, waiting = self._deferred_constraints(batch)
+        made_at = self._inputs_made_at(batch)
         if holder is not None:
             candidates = [holder]
-        elif node.patches or waiting:
+        elif node.patches or waiting or made_at > now:
             candidates = [
                 w for w in self._workers.values() if not w.draining and len(w.in_flight) < self.max_in_flight
             ]
@@ -784,7 +799,34 @@ class Scheduler:
         if not candidates:
             return None
         inputs = self._inputs(batch)
-        return min(candidates, key=lambda w: (self._cost(w, nodes, inputs, now), w.index))
+
+        def key(worker: _Worker) -> tuple[float, float, int]:
+            # among equal costs, rather a worker that does not sit idle waiting for those inputs
+            idle_wait = max(0.0, made_at - max(now, worker.busy_until))
+            return self._cost(worker, nodes, inputs, now, made_at), idle_wait, worker.index
+
+        return min(candidates, key=key)
+
+    def _inputs_made_at(self, batch: list[tuple[str, str]], chained: bool = False) -> float:
+        """When the inputs the batch must wait for whole should have been made (0: none): those it
+        reads deferred from a producer still running, and with `chained` every input still being
+        made (a chained batch is sent before its producers end); not those it reads deferred from a
+        worker that streams that call's outputs in parts."""
+        made = 0.0
+        for request_id, node_id in batch:
+            request = self._requests[request_id]
+            node = request.graph.nodes[node_id]
+            for name in node.inputs if chained else node.deferred:
+                value = node.inputs.get(name)
+                if not isinstance(value, Ref) or value in request.produced or value.node not in request.ends:
+                    continue
+                producer = request.graph.nodes[value.node]
+                worker = self._workers.get(request.placed_on.get(value.node, ""))
+                streamed = worker is not None and f"{producer.op}.{producer.mode}" in worker.streaming
+                if streamed and name in node.deferred:
+                    continue  # read part by part as it is made
+                made = max(made, request.ends[value.node])
+        return made
 
     def _chain(self, now: float, decisions: Decisions) -> None:
         """Under light load, queue on a worker the successors of the batches it holds whose every
@@ -947,6 +989,7 @@ class Scheduler:
         first = self._node(batch[0])
         batch_id = f"b{next(self._batch_ids)}"
         tasks = []
+        ends: list[dict[str, float]] = []  # each task's request's
         for request_id, node_id in batch:
             request = self._requests[request_id]
             node = request.graph.nodes[node_id]
@@ -963,6 +1006,7 @@ class Scheduler:
             tasks.append(BatchTask(f"{request_id}/{node_id}", request_id, node, inputs))
             request.running.add(node_id)
             request.placed_on[node_id] = worker.worker_id
+            ends.append(request.ends)
             for successor in request.early_successors[node_id]:
                 request.remaining[successor] -= 1
                 if request.remaining[successor] == 0:
@@ -975,17 +1019,20 @@ class Scheduler:
         self._full_holders.clear()
         self._in_flight[batch_id] = dispatch
         decisions.dispatches.append(dispatch)
+        start = max(now, self._inputs_made_at(batch, chained=True))
         if self._side_lane(first):  # its queue is not touched
             dispatch.side_lane = True
             worker.side.append(batch_id)
-            return
-        worker.in_flight.append(batch_id)
-        load = self._load_s(worker, [task.node for task in tasks])
-        worker.loras.update(source for source, _ in first.patches)  # fetched there from now on
-        worker.busy_until = (
-            max(now, worker.busy_until) + load + self.costs.exec_s(first, len(batch)) + self.costs.overhead_s
-        )
-        self._refresh(worker)
+            end = start + self.costs.exec_s(first, len(batch))
+        else:
+            worker.in_flight.append(batch_id)
+            load = self._load_s(worker, [task.node for task in tasks])
+            worker.loras.update(source for source, _ in first.patches)  # fetched there from now on
+            execution = self.costs.exec_s(first, len(batch)) + self.costs.overhead_s
+            worker.busy_until = end = max(start, worker.busy_until) + load + execution
+            self._refresh(worker)
+        for (_, node_id), request_ends in zip(batch, ends, strict=True):
+            request_ends[node_id] = end
 
     # ---- monolithic baselines ----
 

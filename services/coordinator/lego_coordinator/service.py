@@ -384,7 +384,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             stub = dataengine_pb2_grpc.DataEngineStub(channel(hello.dataengine_address))
             self._dataengines[hello.dataengine_address] = stub
             self._free_streams[hello.dataengine_address] = _FreeStream(stub)
-        self.scheduler.add_worker(worker_id, hello.dataengine_address, list(hello.loaded_models))
+        self.scheduler.add_worker(
+            worker_id, hello.dataengine_address, list(hello.loaded_models), frozenset(hello.streaming_calls)
+        )
         log.info("worker_joined", worker_id=worker_id, address=hello.address, backend=hello.backend)
         self.pump()
         writer = asyncio.create_task(self._write_outbox(outbox, context))

@@ -226,6 +226,7 @@ class WorkerAgent:
                 backend=self.executor.backend.name,
                 memory_budget_bytes=self.executor.cache.budget_bytes,
                 loaded_models=self.executor.cache.resident(),
+                streaming_calls=sorted(f"{op}.{mode}" for op, mode in self.executor.backend.streaming_calls),
             )
             await call.write(coordinator_pb2.WorkerMessage(hello=hello))
             log.info("worker_connected", worker_id=self.config.worker_id, coordinator=coordinator_address)

@@ -28,6 +28,7 @@ class Backend(Protocol):
     # whether streamed outputs (operators' `streamed`) are handed to a part sink while a call runs,
     # and deferred inputs are consumed part by part as they arrive
     streams_parts: bool
+    streaming_calls: frozenset[tuple[str, str]]  # (op, mode) of the calls that publish parts
 
     def prefetch(self, model_id: str) -> float:
         """Disk → host memory; returns seconds spent (0 when already there)."""

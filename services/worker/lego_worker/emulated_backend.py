@@ -120,6 +120,7 @@ def placeholder_outputs(op: str, mode: str, item: Item) -> Outputs:
 class EmulatedBackend:
     name = "emulated"
     streams_parts = False  # placeholders travel whole: the profiles time a call as one unit
+    streaming_calls: frozenset[tuple[str, str]] = frozenset()
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ def _modules(model: Any) -> list[torch.nn.Module]:
 class TorchBackend:
     name = "torch"
     streams_parts = True  # ControlNets publish their block samples while they run (lego_worker.parts)
+    streaming_calls = frozenset(ops.STREAMING_OPS)
 
     def __init__(
         self, device: str = "cpu", policy: SourcePolicy | None = None, lora_fetch_min_s: float = 0.0
