@@ -8,7 +8,10 @@ of a host the cheapest (ties to the lowest index, as a full scan breaks them) is
 - the first idle worker holding the model (nothing queued, no load),
 - the first idle worker (nothing queued),
 - the holder with the least work queued,
-- the worker with the least work queued.
+- the worker with the least work queued,
+
+and, for a batch that must wait until its inputs are made elsewhere, the holder and the worker
+whose queues end last before that (they wait least idle) and first after it.
 
 `WorkerPools` files the workers that can take a batch by host, and by host and resident model:
 idle ones by index, the others by when their queued work ends. Finding the four is then a look at
@@ -109,9 +112,13 @@ class WorkerPools(Generic[W]):
         """Whether any worker filed here holds `model`."""
         return any(pools.get(model) for pools in self._lists.values())
 
-    def finalists(self, model: str, hosts: set[str] | frozenset[str] = frozenset()) -> list[W]:
+    def finalists(
+        self, model: str, hosts: set[str] | frozenset[str] = frozenset(), made_at: float = -math.inf
+    ) -> list[W]:
         """The workers (of `hosts`, or of every host) among which the cheapest for a batch of
-        `model` without LoRA patches is found."""
+        `model` without LoRA patches is found. A batch that cannot start before `made_at` (its
+        inputs are made whole elsewhere) costs the same on every worker whose queue ends by then,
+        where the one whose queue ends last waits least idle: that one is a finalist too."""
         chosen: dict[int, W] = {}
         for host, pools in self._lists.items():
             if hosts and host not in hosts:
@@ -119,12 +126,17 @@ class WorkerPools(Generic[W]):
             for entries in (pools.get(ALL), pools.get(model)):
                 if not entries:
                     continue
-                first = entries[0][1]  # the first idle worker, else the one whose work ends first
-                chosen[first.index] = first
+                picks = [0]  # the first idle worker, else the one whose work ends first
                 if entries[0][0][0] == -math.inf:  # and the first with work queued
-                    queued = bisect.bisect_left(entries, (-math.inf, math.inf), key=_key)
-                    if queued < len(entries):
-                        chosen[entries[queued][1].index] = entries[queued][1]
+                    picks.append(bisect.bisect_left(entries, (-math.inf, math.inf), key=_key))
+                if made_at > self.now:
+                    after = bisect.bisect_right(entries, (made_at, math.inf), key=_key)
+                    picks.append(after)  # the first whose work ends after `made_at`
+                    if after > 0 and entries[after - 1][0][0] != -math.inf:  # the last to end by then
+                        picks.append(bisect.bisect_left(entries, (entries[after - 1][0][0], -1), key=_key))
+                for pick in picks:
+                    if pick < len(entries):
+                        chosen[entries[pick][1].index] = entries[pick][1]
         return list(chosen.values())
 
 

@@ -284,7 +284,7 @@ class Scheduler:
         self.max_in_flight = max_in_flight if policy == "lego" else 1
         self._requests: dict[str, _Request] = {}
         self._workers: dict[str, _Worker] = {}
-        self._ready = ReadyQueue(self._priority)
+        self._ready = ReadyQueue(self._priority, lane=self._bound_to_side_lane)
         self._in_flight: dict[str, Dispatch] = {}
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
@@ -308,6 +308,10 @@ class Scheduler:
         self._draining: set[str] = set()
         self._full_holders: dict[str, list[_Worker]] = {}  # model → its holders with no room, this round
         self._preloads: Counter[str] = Counter()  # model → workers loading it ahead of its work
+        # chaining looks again only at workers whose batches, models or requests changed since
+        self._chain_dirty: set[str] = set()
+        self._chain_all = True  # ... or at every worker (chaining was off, or the split mode turned)
+        self._split_mode = False
 
     # ---- membership ----
 
@@ -346,6 +350,7 @@ class Scheduler:
         if models != worker.loaded:
             worker.loaded = models
             self._refresh(worker)
+            self._chain_dirty.add(worker.worker_id)
 
     def remove_worker(self, worker_id: str) -> list[Event]:
         """A worker died or left: its in-flight nodes run again elsewhere, and per-request scheduler
@@ -396,6 +401,7 @@ class Scheduler:
         return len(_producers(request, node, blocking=True) - request.done)
 
     def _replay_state(self, request: _Request, key: str) -> None:
+        self._chain_all = True
         del request.state_workers[key]
         lost = [
             n
@@ -412,6 +418,7 @@ class Scheduler:
         self._ready.add((request.request_id, request.replay[0]))
 
     def _restart(self, request: _Request) -> None:
+        self._chain_all = True
         request.readers = dict(request.graph.consumers)
         for node_id in request.done:
             self._count_pending(request, request.graph.nodes[node_id], +1)
@@ -432,6 +439,16 @@ class Scheduler:
         request.pending.add(node, sign)
         if self._open.get(request.request_id) is request:
             self._pending_by_ratio.setdefault(request.work_ratio, PendingWork()).add(node, sign)
+
+    def _touch(self, worker: _Worker | None, request_ids: set[str]) -> None:
+        """For chaining: the worker's batches changed, and so did these requests' progress (which
+        the workers holding their running nodes chain from)."""
+        if worker is not None:
+            self._chain_dirty.add(worker.worker_id)
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._chain_dirty.update(request.placed_on[node_id] for node_id in request.running)
 
     def _unready(self, request: _Request, graph: RequestGraph | None = None) -> None:
         for node_id in (graph or request.graph).nodes:
@@ -491,8 +508,9 @@ class Scheduler:
             arrived = worker.preloading & worker.loaded
             worker.preloading -= arrived
             self._preloads.subtract(arrived)
-            if loras is not None:
+            if loras is not None and worker.loras != set(loras):
                 worker.loras = set(loras)
+                self._chain_dirty.add(worker_id)
 
     def workers(self) -> dict[str, tuple[bool, list[str]]]:
         return {w.worker_id: (bool(w.in_flight), sorted(w.loaded)) for w in self._workers.values()}
@@ -636,9 +654,9 @@ class Scheduler:
         """A stateful node waits while its request's scheduler state is being rebuilt."""
         return bool(request.replay) and node.state_key != "" and node.id != request.replay[0]
 
-    def _ready_queue(self) -> list[tuple[str, str]]:
+    def _ready_queue(self, side_lane_only: bool = False) -> list[tuple[str, str]]:
         queue = []
-        for entry in self._ready.ordered():
+        for entry in self._ready.ordered(side_lane_only):
             request = self._requests[entry[0]]
             if not self._blocked(request, request.graph.nodes[entry[1]]):
                 queue.append(entry)
@@ -739,15 +757,13 @@ class Scheduler:
         self._pools.advance(now)
         self._full_holders.clear()
         room = self._has_room()
-        queue = self._ready_queue()
-        if not room:  # only noise-scheduler nodes can go (beside their workers' queues)
-            queue = [entry for entry in queue if self._side_lane(self._node(entry))]
+        queue = self._ready_queue(side_lane_only=not room)  # no room: only nodes bound to a side lane go
         idle = len(self._idle)
         batches = self._split_for_parallelism(self._form_batches(queue, idle), idle)
         batches.sort(key=lambda batch: self._priority(batch[0]))
         waiting: Counter[str] = Counter()  # batches of each model left this round for its holders
         for batch in batches:
-            if not room and not self._side_lane(self._node(batch[0])):
+            if not room and not self._bound_to_side_lane(batch[0]):
                 continue
             if self._waits_for_holders(batch, now, waiting):
                 continue
@@ -770,6 +786,13 @@ class Scheduler:
         monolithic baselines run a request's nodes one after another on its worker)."""
         return self.policy == "lego" and _stateful(node)
 
+    def _bound_to_side_lane(self, entry: tuple[str, str]) -> bool:
+        """A noise-scheduler node whose request's state already has a worker: it can go there at
+        once whatever that worker's queue (a first one, an init, waits for a worker with room)."""
+        request = self._requests[entry[0]]
+        node = request.graph.nodes[entry[1]]
+        return self._side_lane(node) and node.state_key in request.state_workers
+
     def _has_room_for(self, worker: _Worker, node: TaskNode) -> bool:
         return self._side_lane(node) or len(worker.in_flight) < self.max_in_flight
 
@@ -787,12 +810,12 @@ class Scheduler:
         made_at = self._inputs_made_at(batch)
         if holder is not None:
             candidates = [holder]
-        elif node.patches or waiting or made_at > now:
+        elif node.patches or waiting:
             candidates = [
                 w for w in self._workers.values() if not w.draining and len(w.in_flight) < self.max_in_flight
             ]
         else:
-            candidates = self._pools.finalists(node.model, hosts)
+            candidates = self._pools.finalists(node.model, hosts, made_at)
         candidates = [
             w for w in candidates if (not hosts or hosts == {w.host}) and w.worker_id not in waiting
         ]
@@ -834,9 +857,20 @@ class Scheduler:
         waiting for a round trip through the coordinator (its inputs arrive lazily on the worker's
         own data engine). Only when no ready work waits and no more requests are unfinished than
         there are workers: a chained node is not batched with nodes that become ready later."""
+        split_mode = len(self._idle) > self.in_flight_requests()  # `_chainable` leaves splits alone
+        if split_mode != self._split_mode:
+            self._split_mode, self._chain_all = split_mode, True
         if self._ready or self.in_flight_requests() > self._active_count():
+            self._chain_all = True  # off meanwhile: every worker may hold something to chain
             return
-        for worker in self._active():
+        if self._chain_all:
+            workers = self._active()
+        else:  # the others' `_chainable` answers are what they were (nothing)
+            dirty = (self._workers.get(worker_id) for worker_id in self._chain_dirty)
+            workers = sorted((w for w in dirty if w is not None and not w.draining), key=lambda w: w.index)
+        self._chain_all = False
+        self._chain_dirty.clear()
+        for worker in workers:
             if worker.batches() and len(worker.in_flight) < self.max_in_flight:
                 batch = self._chainable(worker)
                 if batch:
@@ -1019,6 +1053,7 @@ class Scheduler:
         self._full_holders.clear()
         self._in_flight[batch_id] = dispatch
         decisions.dispatches.append(dispatch)
+        self._touch(worker, {request_id for request_id, _ in batch})
         start = max(now, self._inputs_made_at(batch, chained=True))
         if self._side_lane(first):  # its queue is not touched
             dispatch.side_lane = True
@@ -1120,6 +1155,7 @@ class Scheduler:
         if dispatch is None:
             return []  # a stale report (the worker was removed meanwhile): never applied twice
         worker = self._workers.get(dispatch.worker_id)
+        self._touch(worker, {task.request_id for task in dispatch.tasks})
         if worker is not None and batch_id in worker.side:
             worker.side.remove(batch_id)
         elif worker is not None:
@@ -1201,6 +1237,7 @@ class Scheduler:
         if hit is None:
             return
         before = request.graph
+        self._chain_all = True
         request.graph = resume_from_cache(before, hit.skip)
         request.hit = hit
         request.external[CACHED_LATENTS] = request.produced[CACHED_LATENTS] = Tensor(
@@ -1254,6 +1291,7 @@ class Scheduler:
         if dispatch is None:
             return []
         worker = self._workers.get(dispatch.worker_id)
+        self._touch(worker, {task.request_id for task in dispatch.tasks})
         if worker is not None:
             (worker.side if batch_id in worker.side else worker.in_flight).remove(batch_id)
             self._refresh(worker)
