@@ -138,3 +138,39 @@ async def test_the_executor_runs_a_side_lane_batch_while_the_device_is_held(back
     finally:
         executor._lock.release()
     assert seconds >= 0 and isinstance(outputs[0]["latents"], np.ndarray)
+
+
+def test_a_step_queued_while_its_state_is_replayed_goes_beside_the_new_holder() -> None:
+    scheduler = Scheduler(CostModel(ProfileSet(DIRECTORY), load_batch_sizes(DIRECTORY)), max_in_flight=1)
+    for worker in ("w0", "w1"):
+        scheduler.add_worker(worker, host="h0")
+    no_cfg = instantiate(SPEC, resolve_inputs(SPEC, {"prompt": "p", "steps": 3, "guidance_scale": 1.0}))
+    scheduler.admit("r", "wf", no_cfg, 0.0)  # one UNet call a step
+    request = scheduler._requests["r"]
+    unet = None
+    for _ in range(50):  # run until the first step is done and the next UNet call is running
+        for dispatch in scheduler.schedule(0.0).dispatches:
+            if dispatch.op == "unet" and any("step0" not in t.node.id for t in dispatch.tasks):
+                unet = dispatch
+            else:
+                scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
+        if unet is not None:
+            break
+    assert unet is not None
+    holder = next(iter(request.state_workers.values()))
+    assert unet.worker_id != holder, "the scenario needs the UNet call away from the state's worker"
+    scheduler.remove_worker(holder)  # the state goes: its init and the step taken are replayed
+    assert scheduler.schedule(0.0).dispatches == []  # the replay waits: the only worker has no room
+    scheduler.complete(unet.batch_id, outputs_of(unet), 0.0, 0.01)  # the next step is ready, held
+    step = next(e for e in scheduler._ready if request.graph.nodes[e[1]].mode.endswith("step"))
+    assert step not in scheduler._ready.ordered(lane_only=True)  # no worker holds its state yet
+    replayed = scheduler.schedule(0.0).dispatches
+    assert [d.mode for d in replayed] == ["init"] and replayed[0].worker_id == unet.worker_id
+    assert step in scheduler._ready.ordered(lane_only=True)  # bound to the new holder at once
+
+
+def test_the_placement_index_stays_small_under_the_baselines() -> None:
+    simulator = Simulator({"wf": SPEC}, 2, ProfileSet(DIRECTORY), "static", load_batch_sizes(DIRECTORY))
+    arrivals = [Arrival(i * 0.5, "wf", {"prompt": "p", "steps": 3}) for i in range(40)]
+    assert simulator.run(arrivals).summary()["completed"] > 30
+    assert len(simulator.scheduler._pools._wakes) <= 2  # woken workers leave the heap

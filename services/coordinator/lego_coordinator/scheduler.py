@@ -625,6 +625,7 @@ class Scheduler:
 
     def schedule(self, now: float) -> Decisions:
         decisions = Decisions()
+        self._pools.advance(now)
         self._drop_expired(now, decisions.events)
         if self.policy == "lego":
             self._schedule_lego(now, decisions)
@@ -754,7 +755,6 @@ class Scheduler:
         return max(0.0, worker.busy_until - now, made_at - now) + load + transfer + execution
 
     def _schedule_lego(self, now: float, decisions: Decisions) -> None:
-        self._pools.advance(now)
         self._full_holders.clear()
         room = self._has_room()
         queue = self._ready_queue(side_lane_only=not room)  # no room: only nodes bound to a side lane go
@@ -792,6 +792,15 @@ class Scheduler:
         request = self._requests[entry[0]]
         node = request.graph.nodes[entry[1]]
         return self._side_lane(node) and node.state_key in request.state_workers
+
+    def _requeue_bound(self, request: _Request, state_key: str) -> None:
+        """The request's state has a worker now: its nodes of that state already queued (a step
+        waiting while a replay rebuilds the state) are queued again, bound to the side lane."""
+        for node in request.graph.nodes.values():
+            entry = (request.request_id, node.id)
+            if node.state_key == state_key and entry in self._ready:
+                self._ready.discard(entry)
+                self._ready.add(entry)
 
     def _has_room_for(self, worker: _Worker, node: TaskNode) -> bool:
         return self._side_lane(node) or len(worker.in_flight) < self.max_in_flight
@@ -856,7 +865,10 @@ class Scheduler:
         missing input those batches make: they start as soon as it has published them, without
         waiting for a round trip through the coordinator (its inputs arrive lazily on the worker's
         own data engine). Only when no ready work waits and no more requests are unfinished than
-        there are workers: a chained node is not batched with nodes that become ready later."""
+        there are workers: a chained node is not batched with nodes that become ready later.
+        A round looks only at the workers whose batches, models or requests changed since (or at
+        all, when chaining was off or the split mode turned); a learned execution time that moves
+        meanwhile (`_faster_apart`) waits for such a change to be looked at again."""
         split_mode = len(self._idle) > self.in_flight_requests()  # `_chainable` leaves splits alone
         if split_mode != self._split_mode:
             self._split_mode, self._chain_all = split_mode, True
@@ -1027,8 +1039,9 @@ class Scheduler:
         for request_id, node_id in batch:
             request = self._requests[request_id]
             node = request.graph.nodes[node_id]
-            if node.state_key:
-                request.state_workers.setdefault(node.state_key, worker.worker_id)
+            if node.state_key and node.state_key not in request.state_workers:
+                request.state_workers[node.state_key] = worker.worker_id
+                self._requeue_bound(request, node.state_key)
             inputs: dict[str, object] = {}
             for name, value in node.inputs.items():
                 if not isinstance(value, Ref):

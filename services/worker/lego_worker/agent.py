@@ -476,7 +476,9 @@ class WorkerAgent:
             await self._finish_parts(publisher, receiving, items)
             structlog.contextvars.unbind_contextvars(*bound)
         worker_id = self.config.worker_id
-        for event in self.executor.drain_events():
+        # the device's model events go with the queue's batches: a side-lane batch ending during a
+        # queued batch's load would carry that load away, and the coordinator would learn it as overhead
+        for event in [] if batch.side_lane else self.executor.drain_events():
             result.model_events.add(model=event.model, kind=event.kind, seconds=event.seconds)
             metrics.MODEL_EVENTS.labels(worker_id=worker_id, model=event.model, kind=event.kind).inc()
         result.loaded_models.extend(self.executor.cache.resident())

@@ -251,6 +251,8 @@ class Executor:
         execution seconds (the last-batch fields and the device's busy time are the queue's)."""
         if model_id not in self.cache:  # its first call here: a load (no device memory), under the lock
             await asyncio.to_thread(self.load, model_id)
+        with contextlib.suppress(KeyError):  # recently used: the last model an eviction picks
+            self.cache.touch(model_id)
         started = time.perf_counter()
         if isinstance(self.backend, EmulatedBackend):
             seconds, outputs = self.backend.plan(op, model_id, mode, items)
