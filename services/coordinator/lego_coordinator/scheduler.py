@@ -22,8 +22,8 @@ The coordinator service and the simulator drive this same object. A round must n
 request or worker of a large cluster, so the scheduler keeps indexes up to date as it goes (open
 requests, their remaining work, deadlines, holders of each model, free workers in
 `placement.WorkerPools`, the ready queue in `ready_queue.ReadyQueue`), prices only the workers that
-can be cheapest for a batch, parks noise-scheduler nodes bound to a full worker, and tells a batch
-that would wait for its model's holders so before pricing any worker. tests/unit/test_placement.py
+can be cheapest for a batch, looks again for chaining only at workers whose state changed, and tells
+a batch that would wait for its model's holders so before pricing any worker. tests/unit/test_placement.py
 checks that these shortcuts dispatch exactly as the plain computation does.
 """
 
