@@ -1,9 +1,10 @@
-"""The scheduler's shortcuts for large clusters decide exactly as pricing every worker would.
+"""The scheduler's shortcuts for large clusters decide exactly as the plain computation would.
 
-Placement prices only `WorkerPools.finalists`, and batches that would wait for their model's holders
-are told so before any worker is priced. Each is checked against the plain computation, and the
-whole scheduler against itself with the shortcuts turned off: the same dispatches, to the same
-workers, at the same times.
+Placement prices only `WorkerPools.finalists`; batches that would wait for their model's holders are
+told so before any worker is priced; a round forms its batches one at a time and stops looking once
+no worker has room. Each is checked against the plain computation (pricing every worker, forming
+and looking at every batch), and the whole scheduler against itself with the shortcuts turned off:
+the same dispatches, to the same workers, at the same times.
 """
 
 from __future__ import annotations
@@ -110,6 +111,44 @@ def test_the_ready_queue_lists_by_priority_once_each() -> None:
     assert queue.ordered() == [("r", "b")] and bool(queue)
 
 
+def _plain_batches(scheduler: core.Scheduler, idle: int) -> list[list[tuple[str, str]]]:
+    """The whole ready queue cut into batches, each untaken entry in priority order leading one
+    with the next entries of its batch key (one node for a noise-scheduler node, else up to the
+    latency-mode size, or the throughput-mode one when the key's entries need more workers than
+    are idle), sorted by their leads' priorities."""
+    queue = scheduler._ready_queue()
+    groups: dict[tuple[object, ...], list[tuple[str, str]]] = {}
+    for entry in queue:
+        groups.setdefault(core._batch_key(scheduler._node(entry)), []).append(entry)
+    batches: list[list[tuple[str, str]]] = []
+    taken: set[tuple[str, str]] = set()
+    for entry in queue:
+        if entry in taken:
+            continue
+        node = scheduler._node(entry)
+        group = groups[core._batch_key(node)]
+        latency, throughput = scheduler.costs.batch_limits(node)
+        limit = 1 if core._stateful(node) else throughput if len(group) > latency * max(1, idle) else latency
+        start = group.index(entry)  # the key's earlier entries are taken: they came first
+        batches.append(group[start : start + limit])
+        taken.update(batches[-1])
+    batches = scheduler._split_for_parallelism(batches, idle)
+    return sorted(batches, key=lambda batch: scheduler._priority(batch[0]))
+
+
+def _plain_round(scheduler: core.Scheduler, now: float, decisions: core.Decisions) -> None:
+    """A lego round that forms every batch and looks at each, whatever room is left."""
+    scheduler._full_holders.clear()
+    room = scheduler._has_room()
+    waiting: Counter[str] = Counter()
+    for batch in _plain_batches(scheduler, len(scheduler._idle)):
+        if room or scheduler._bound_to_side_lane(batch[0]):
+            scheduler._try_to_dispatch(batch, now, waiting, decisions)
+            room = room and scheduler._has_room()
+    scheduler._chain(now, decisions)
+    scheduler._preload_hot_models(decisions)
+
+
 def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, str, tuple[str, ...]]]:
     """Every dispatch (time, worker, tasks) of a loaded two-family mix on 6 simulated GPUs."""
     if not shortcuts:
@@ -121,6 +160,7 @@ def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[f
             ],
         )
         monkeypatch.setattr(core.Scheduler, "_waits_for_holders", lambda self, batch, now, waiting: False)
+        monkeypatch.setattr(core.Scheduler, "_schedule_lego", _plain_round)
     mix = workload("flux-schnell,sd3-medium")
     requests = parse_synthetic("poisson:rate=3,duration=40,seed=3")
     tenants = assign_tenants(requests, sorted(mix.workflows), 0.0, seed=3)

@@ -34,6 +34,7 @@ import heapq
 import itertools
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -284,7 +285,9 @@ class Scheduler:
         self.max_in_flight = max_in_flight if policy == "lego" else 1
         self._requests: dict[str, _Request] = {}
         self._workers: dict[str, _Worker] = {}
-        self._ready = ReadyQueue(self._priority, lane=self._bound_to_side_lane)
+        self._ready = ReadyQueue(
+            self._priority, group=lambda entry: _batch_key(self._node(entry)), lane=self._bound_to_side_lane
+        )
         self._in_flight: dict[str, Dispatch] = {}
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
@@ -307,6 +310,7 @@ class Scheduler:
         self._idle: set[str] = set()  # active workers with nothing in flight
         self._draining: set[str] = set()
         self._full_holders: dict[str, list[_Worker]] = {}  # model → its holders with no room, this round
+        self._full_holders_free_at: dict[str, float] = {}  # model → when the first of those frees
         self._preloads: Counter[str] = Counter()  # model → workers loading it ahead of its work
         # chaining looks again only at workers whose batches, models or requests changed since
         self._chain_dirty: set[str] = set()
@@ -655,41 +659,11 @@ class Scheduler:
         """A stateful node waits while its request's scheduler state is being rebuilt."""
         return bool(request.replay) and node.state_key != "" and node.id != request.replay[0]
 
-    def _ready_queue(self, side_lane_only: bool = False) -> list[tuple[str, str]]:
-        queue = []
-        for entry in self._ready.ordered(side_lane_only):
-            request = self._requests[entry[0]]
-            if not self._blocked(request, request.graph.nodes[entry[1]]):
-                queue.append(entry)
-        return queue
+    def _ready_queue(self) -> list[tuple[str, str]]:
+        return [entry for entry in self._ready.ordered() if self._runnable(entry)]
 
     def _node(self, entry: tuple[str, str]) -> TaskNode:
         return self._requests[entry[0]].graph.nodes[entry[1]]
-
-    def _form_batches(self, queue: list[tuple[str, str]], idle: int) -> list[list[tuple[str, str]]]:
-        """Batches in queue order: each untaken entry leads one with the next entries of its batch
-        key, up to the latency-mode size, or the throughput-mode one when the key's ready work
-        needs more workers than are idle. Within a key the taken entries are always a prefix of its
-        entries in queue order, so one cursor per key finds the members."""
-        groups: dict[tuple[object, ...], list[tuple[str, str]]] = defaultdict(list)
-        for entry in queue:
-            groups[_batch_key(self._node(entry))].append(entry)
-        cursors: Counter[tuple[object, ...]] = Counter()
-        batches = []
-        for entry in queue:
-            node = self._node(entry)
-            key = _batch_key(node)
-            group, start = groups[key], cursors[key]
-            if start >= len(group) or group[start] != entry:
-                continue  # already a member of an earlier batch
-            if _stateful(node):
-                limit = 1
-            else:
-                latency, throughput = self.costs.batch_limits(node)
-                limit = throughput if len(group) > latency * max(1, idle) else latency
-            batches.append(group[start : start + limit])
-            cursors[key] = start + limit
-        return batches
 
     def _split_for_parallelism(
         self, batches: list[list[tuple[str, str]]], idle: int
@@ -757,28 +731,80 @@ class Scheduler:
     def _schedule_lego(self, now: float, decisions: Decisions) -> None:
         self._full_holders.clear()
         room = self._has_room()
-        queue = self._ready_queue(side_lane_only=not room)  # no room: only nodes bound to a side lane go
-        idle = len(self._idle)
-        batches = self._split_for_parallelism(self._form_batches(queue, idle), idle)
-        batches.sort(key=lambda batch: self._priority(batch[0]))
         waiting: Counter[str] = Counter()  # batches of each model left this round for its holders
-        for batch in batches:
-            if not room and not self._bound_to_side_lane(batch[0]):
-                continue
-            if self._waits_for_holders(batch, now, waiting):
-                continue
-            worker = self._place(batch, now)
-            if worker is None or self._wait_for_holder(batch, worker, now, waiting):
-                continue
-            self._dispatch(batch, worker, now, decisions)
-            room = room and self._has_room()
+        lane = self._ready.lane_items()  # the round looks at the entries ready when it starts
+        passed: tuple[object, ...] = ()  # the priority of the last batch looked at while there was room
+        if room:
+            for batch in self._batches_by_priority(len(self._idle)):
+                passed = self._priority(batch[0])
+                self._try_to_dispatch(batch, now, waiting, decisions)
+                if not self._has_room():
+                    room = False
+                    break
+        if not room:  # only nodes bound to a side lane can still go, those not looked at above
+            for item_priority, _, entry in lane:
+                if item_priority > passed and self._bound_to_side_lane(entry) and self._runnable(entry):
+                    self._try_to_dispatch([entry], now, waiting, decisions)
         self._chain(now, decisions)
         self._preload_hot_models(decisions)
+
+    def _try_to_dispatch(
+        self, batch: list[tuple[str, str]], now: float, waiting: Counter[str], decisions: Decisions
+    ) -> None:
+        if self._waits_for_holders(batch, now, waiting):
+            return
+        worker = self._place(batch, now)
+        if worker is not None and not self._wait_for_holder(batch, worker, now, waiting):
+            self._dispatch(batch, worker, now, decisions)
+
+    def _batches_by_priority(self, idle: int) -> Iterable[list[tuple[str, str]]]:
+        """The round's batches, highest-priority lead first. With more idle workers than unfinished
+        requests (light load, few entries) all at once, to split some over the idle workers;
+        otherwise formed one at a time, as the round takes them: a round stops looking once no
+        worker has room, and under load hundreds of entries wait that it would not reach."""
+        if idle > self.in_flight_requests():
+            batches = self._split_for_parallelism(list(self._merged_batches(idle)), idle)
+            return sorted(batches, key=lambda batch: self._priority(batch[0]))
+        return self._merged_batches(idle)
+
+    def _merged_batches(self, idle: int) -> Iterator[list[tuple[str, str]]]:
+        """The ready queue cut into batches, each when asked for, highest-priority lead first: each
+        group (batch key) into consecutive batches in priority order, one node each for a
+        noise-scheduler node, else the latency-mode size, or the throughput-mode one when the
+        group's ready work needs more workers than are idle; the groups' next batches merge on
+        their leads' priorities."""
+        heads: list[tuple[tuple[object, ...], int, int]] = []  # (lead priority, group, position)
+        groups = self._ready.groups()
+        limits = []
+        for index, items in enumerate(groups):
+            node = self._node(items[0][2])
+            if _stateful(node):  # one node a batch; one waiting for its state's replay is left out
+                limits.append(1)
+            else:
+                latency, throughput = self.costs.batch_limits(node)
+                limits.append(throughput if len(items) > latency * max(1, idle) else latency)
+            heads.append((items[0][0], index, 0))
+        heapq.heapify(heads)
+        while heads:
+            _, index, position = heads[0]
+            items, limit = groups[index], limits[index]
+            batch = [entry for _, _, entry in items[position : position + limit]]
+            position += limit
+            if position < len(items):
+                heapq.heapreplace(heads, (items[position][0], index, position))
+            else:
+                heapq.heappop(heads)
+            if self._runnable(batch[0]):
+                yield batch
+
+    def _runnable(self, entry: tuple[str, str]) -> bool:
+        request = self._requests[entry[0]]
+        return not self._blocked(request, request.graph.nodes[entry[1]])
 
     def _has_room(self) -> bool:
         """Whether some worker can take a batch (a draining one only for requests whose state it holds)."""
         return len(self._pools) > 0 or any(
-            w.draining and len(w.in_flight) < self.max_in_flight for w in self._workers.values()
+            len(self._workers[worker_id].in_flight) < self.max_in_flight for worker_id in self._draining
         )
 
     def _side_lane(self, node: TaskNode) -> bool:
@@ -955,16 +981,22 @@ class Scheduler:
         if chosen is not None and (node.model in chosen.loaded or node.model in chosen.preloading):
             return False
         load = self.costs.load_s(node.model)
-        if node.model not in self._full_holders:  # the same for every batch until the next dispatch
-            self._full_holders[node.model] = [
+        full = self._full_holders.get(node.model)
+        if full is None:  # the same for every batch until the next dispatch
+            full = [
                 w
                 for w in map(self._workers.__getitem__, self._holders[node.model])
                 if not w.draining and len(w.in_flight) >= self.max_in_flight and w.busy_until > now - load
             ]
-        holders = self._safe_for_deferred(batch, self._full_holders[node.model])
+            self._full_holders[node.model] = full
+            self._full_holders_free_at[node.model] = min((w.busy_until for w in full), default=math.inf)
+        holders = self._safe_for_deferred(batch, full)
         if not holders:
             return False
-        free_in = min(max(0.0, w.busy_until - now) for w in holders)
+        if holders is full:
+            free_in = max(0.0, self._full_holders_free_at[node.model] - now)
+        else:
+            free_in = max(0.0, min(w.busy_until for w in holders) - now)
         queued = (waiting[node.model] + 1) * self.costs.exec_s(node, len(batch)) / len(holders)
         if free_in + queued >= load:
             return False
