@@ -2,8 +2,9 @@
 
 Placement prices only `WorkerPools.finalists`; batches that would wait for their model's holders are
 told so before any worker is priced; a round forms its batches one at a time and stops looking once
-no worker has room. Each is checked against the plain computation (pricing every worker, forming
-and looking at every batch), and the whole scheduler against itself with the shortcuts turned off:
+no worker has room; chaining looks only at the workers changed since. Each is checked against the
+plain computation (pricing every worker, forming and looking at every batch, chaining from every
+worker), and the whole scheduler against itself with the shortcuts turned off:
 the same dispatches, to the same workers, at the same times.
 """
 
@@ -137,7 +138,8 @@ def _plain_batches(scheduler: core.Scheduler, idle: int) -> list[list[tuple[str,
 
 
 def _plain_round(scheduler: core.Scheduler, now: float, decisions: core.Decisions) -> None:
-    """A lego round that forms every batch and looks at each, whatever room is left."""
+    """A lego round that forms every batch and looks at each, whatever room is left, and that
+    chains from every worker."""
     scheduler._full_holders.clear()
     room = scheduler._has_room()
     waiting: Counter[str] = Counter()
@@ -145,6 +147,7 @@ def _plain_round(scheduler: core.Scheduler, now: float, decisions: core.Decision
         if room or scheduler._bound_to_side_lane(batch[0]):
             scheduler._try_to_dispatch(batch, now, waiting, decisions)
             room = room and scheduler._has_room()
+    scheduler._chain_all = True  # chaining looks at every worker, not just those changed since
     scheduler._chain(now, decisions)
     scheduler._preload_hot_models(decisions)
 

@@ -892,15 +892,14 @@ class Scheduler:
         waiting for a round trip through the coordinator (its inputs arrive lazily on the worker's
         own data engine). Only when no ready work waits and no more requests are unfinished than
         there are workers: a chained node is not batched with nodes that become ready later.
-        A round looks only at the workers whose batches, models or requests changed since (or at
-        all, when chaining was off or the split mode turned); a learned execution time that moves
+        A round looks only at the workers whose batches, models or requests changed since it last
+        looked (or at all, when the split mode turned); a learned execution time that moves
         meanwhile (`_faster_apart`) waits for such a change to be looked at again."""
         split_mode = len(self._idle) > self.in_flight_requests()  # `_chainable` leaves splits alone
         if split_mode != self._split_mode:
             self._split_mode, self._chain_all = split_mode, True
         if self._ready or self.in_flight_requests() > self._active_count():
-            self._chain_all = True  # off meanwhile: every worker may hold something to chain
-            return
+            return  # off meanwhile: the workers changed are still noted
         if self._chain_all:
             workers = self._active()
         else:  # the others' `_chainable` answers are what they were (nothing)
