@@ -55,6 +55,11 @@ class RequestReleased(Exception):
     """A batch's requests were released while it waited for inputs freed with them."""
 
 
+class InputNotMade(RuntimeError):
+    """The batch here that was to make a chained input ended without it (failed, or refused: its
+    requests were released)."""
+
+
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -384,7 +389,7 @@ class WorkerAgent:
         except asyncio.CancelledError:
             if _being_cancelled():
                 raise
-            raise RuntimeError(f"input {tensor_id} was not made: its batch here failed") from None
+            raise InputNotMade(f"input {tensor_id} was not made: its batch here failed") from None
 
     def _remember(self, handle: common_pb2.TensorHandle) -> None:
         """Handles of this worker's latest outputs: a node chained behind their producer here gets
@@ -401,8 +406,10 @@ class WorkerAgent:
             return ()
         return operators.signature(batch.op, batch.mode).parts
 
-    def _part_publisher(self, batch: coordinator_pb2.TaskBatch) -> PartPublisher | None:
-        """For a batch whose mode streams outputs on a backend that does: where its parts go."""
+    def _part_publisher(
+        self, batch: coordinator_pb2.TaskBatch, tasks: list[coordinator_pb2.Task]
+    ) -> PartPublisher | None:
+        """For a batch whose mode streams outputs on a backend that does: where its tasks' parts go."""
         if not self.executor.backend.streams_parts:
             return None
         streamed = operators.signature(batch.op, batch.mode).streamed
@@ -410,7 +417,7 @@ class WorkerAgent:
             return None
         return PartPublisher(
             self.data,
-            [{name: f"{task.request_id}/{task.node_id}/{name}" for name in streamed} for task in batch.tasks],
+            [{name: f"{task.request_id}/{task.node_id}/{name}" for name in streamed} for task in tasks],
         )
 
     async def _run_batch(self, batch: coordinator_pb2.TaskBatch) -> coordinator_pb2.BatchResult:
@@ -425,11 +432,7 @@ class WorkerAgent:
         publisher: PartPublisher | None = None
         items: list[dict[str, Any]] = []
         try:
-            part_inputs = self._part_inputs(batch)
-            for task in batch.tasks:
-                item = await self._inputs(task, part_inputs, receiving, frozenset(request_ids))
-                item["state_key"] = f"{task.request_id}/{task.state_key}"
-                items.append(item)
+            tasks = await self._gather_inputs(batch, receiving, items)
             if batch.side_lane:
                 outputs, result.execution_s = await self.executor.run_beside(
                     batch.op, batch.model, batch.mode, items
@@ -437,9 +440,9 @@ class WorkerAgent:
                 unpatched = False
             else:
                 patches = tuple((p.source, p.scale) for p in batch.patches)
-                optional = all(task.patches_optional for task in batch.tasks)
+                optional = all(task.patches_optional for task in tasks)
                 cached, loras = self._cache_stats(), dataclasses.replace(self.executor.loras.stats)
-                publisher = self._part_publisher(batch)
+                publisher = self._part_publisher(batch, tasks)
                 outputs = await self.executor.run_async(
                     batch.op, batch.model, batch.mode, items, patches, publisher, optional
                 )
@@ -449,16 +452,15 @@ class WorkerAgent:
                 unpatched = self.executor.last_unpatched
             named = [
                 (task.task_id, name, f"{task.request_id}/{task.node_id}/{name}", produced[name])
-                for task, produced in zip(batch.tasks, outputs, strict=True)
+                for task, produced in zip(tasks, outputs, strict=True)
                 for name in task.outputs
             ]
             stored = [(tensor_id, array) for _, _, tensor_id, array in named if np.ndim(array) > 0]
             handles = iter(await self.data.put_many(stored))
             results = {
-                task.task_id: result.results.add(task_id=task.task_id, unpatched=unpatched)
-                for task in batch.tasks
+                task.task_id: result.results.add(task_id=task.task_id, unpatched=unpatched) for task in tasks
             }
-            for task, item, produced in zip(batch.tasks, items, outputs, strict=True):
+            for task, item, produced in zip(tasks, items, outputs, strict=True):
                 if task.signature_of:
                     signature = self.executor.backend.signature(item, produced[task.signature_of])
                     results[task.task_id].signature.extend(signature)
@@ -484,6 +486,34 @@ class WorkerAgent:
         result.loaded_models.extend(self.executor.cache.resident())
         result.loras.extend(self.executor.loras.held())
         return result
+
+    async def _gather_inputs(
+        self,
+        batch: coordinator_pb2.TaskBatch,
+        receiving: list[asyncio.Task[None]],
+        items: list[dict[str, Any]],
+    ) -> list[coordinator_pb2.Task]:
+        """The batch's tasks that still run, their inputs appended to `items`. A task whose request
+        was released (before, or while it waited for inputs freed with it) is left out: a batch
+        chained behind several requests' producers here still runs for the others. None left:
+        RequestReleased."""
+        part_inputs = self._part_inputs(batch)
+        tasks = []
+        for task in batch.tasks:
+            if task.request_id in self._released:
+                continue
+            try:
+                item = await self._inputs(task, part_inputs, receiving, frozenset({task.request_id}))
+            except (RequestReleased, InputNotMade):
+                if task.request_id in self._released:
+                    continue
+                raise
+            item["state_key"] = f"{task.request_id}/{task.state_key}"
+            items.append(item)
+            tasks.append(task)
+        if not tasks:
+            raise RequestReleased(RELEASED)
+        return tasks
 
     async def _finish_parts(
         self,

@@ -1,0 +1,111 @@
+"""A released request takes only its own tasks out of a batch shared with other requests.
+
+The coordinator may chain one batch behind producers of several requests on a worker: D(A+B) queued
+behind A's and B's scheduler inits. When A is released meanwhile, its init is answered as released
+and never makes its output; D must still run B's task (it used to fail whole, and B with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from lego.store import MemoryStore
+from lego.v1 import common_pb2, coordinator_pb2
+from lego.values import Scalar, to_values
+from lego_dataengine.service import serve as serve_dataengine
+from lego_worker.agent import RELEASED, WorkerAgent, WorkerConfig, build_executor
+
+INIT: dict[str, Scalar] = {
+    "seed": 1,
+    "height": 64,
+    "width": 64,
+    "steps": 2,
+    "iterations": 2,
+    "latent_channels": 4,
+    "vae_scale_factor": 8,
+}
+
+
+class Stream:
+    """The coordinator's end of the worker's stream: what the worker wrote."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, coordinator_pb2.BatchResult] = {}
+
+    async def write(self, message: coordinator_pb2.WorkerMessage) -> None:
+        self.results[message.result.batch_id] = message.result
+
+
+def init_batch(request_id: str) -> coordinator_pb2.TaskBatch:
+    batch = coordinator_pb2.TaskBatch(
+        batch_id=f"init-{request_id}", op="noise_scheduler", model="tiny-sd15:scheduler", mode="init"
+    )
+    task = batch.tasks.add(task_id=f"{request_id}/init", request_id=request_id, node_id="init")
+    task.outputs.extend(["latents", "model_input", "timestep"])
+    task.state_key = "loop"
+    for name, value in to_values(INIT).items():
+        task.inputs[name].CopyFrom(value)
+    return batch
+
+
+def decode_batch(request_ids: list[str]) -> coordinator_pb2.TaskBatch:
+    """One VAE call for the requests, each reading its init's latents by id (chained: pending)."""
+    batch = coordinator_pb2.TaskBatch(batch_id="decode", op="vae", model="tiny-sd15:vae", mode="decode")
+    for request_id in request_ids:
+        task = batch.tasks.add(task_id=f"{request_id}/decode", request_id=request_id, node_id="decode")
+        task.outputs.append("image")
+        pending = common_pb2.TensorHandle(tensor_id=f"{request_id}/init/latents")
+        task.inputs["latents"].tensor.CopyFrom(pending)
+    return batch
+
+
+async def run(
+    agent: WorkerAgent, stream: Any, batches: list[coordinator_pb2.TaskBatch], released: str
+) -> None:
+    for batch in batches:  # what the stream does on receipt, in order
+        agent._expect_outputs(batch)
+    if released:
+        agent._release(released)
+    for batch in batches:  # the queue, in order
+        await agent._answer(stream, batch)
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[WorkerAgent]:
+    host = await serve_dataengine(None)
+    try:
+        config = WorkerConfig(worker_id="w", backend="emulated")
+        yield WorkerAgent(config, MemoryStore(), "unused", host.address, build_executor(config))
+    finally:
+        await host.stop()
+
+
+async def test_a_shared_chained_batch_runs_for_the_requests_not_released(agent: WorkerAgent) -> None:
+    stream = Stream()
+    await run(agent, stream, [init_batch("A"), init_batch("B"), decode_batch(["A", "B"])], released="A")
+    assert stream.results["init-A"].error == RELEASED
+    assert stream.results["init-B"].error == ""
+    decode = stream.results["decode"]
+    assert decode.error == ""
+    assert [r.task_id for r in decode.results] == ["B/decode"]
+    assert list(decode.results[0].outputs["image"].shape) == [1, 64, 64, 3]
+
+
+async def test_a_task_whose_request_is_released_while_it_waits_is_left_out(agent: WorkerAgent) -> None:
+    stream = Stream()
+    inits, decode = [init_batch("A"), init_batch("B")], decode_batch(["A", "B"])
+    for batch in [*inits, decode]:
+        agent._expect_outputs(batch)
+    waiting = asyncio.create_task(agent._answer(stream, decode))  # beside the queue: it waits for A's
+    await asyncio.sleep(0.05)
+    agent._release("A")
+    for batch in inits:
+        await agent._answer(stream, batch)
+    await asyncio.wait_for(waiting, timeout=10)
+    assert [r.task_id for r in stream.results["decode"].results] == ["B/decode"]
+    agent._release("B")  # now every request of a batch is released: it is answered so at once
+    await agent._answer(stream, decode_batch(["A", "B"]))
+    assert stream.results["decode"].error == RELEASED and not stream.results["decode"].results
