@@ -127,6 +127,7 @@ async def test_the_executor_runs_a_side_lane_batch_while_the_device_is_held(back
         "state_key": "r/loop",
     }
     await executor.run_beside("noise_scheduler", "tiny-sd15:scheduler", "init", [item])  # loaded now
+    busy = executor.metrics.busy_s
     executor._lock.acquire()  # a queued batch's forward pass holds the device
     try:
         outputs, seconds = await asyncio.wait_for(
@@ -138,6 +139,7 @@ async def test_the_executor_runs_a_side_lane_batch_while_the_device_is_held(back
     finally:
         executor._lock.release()
     assert seconds >= 0 and isinstance(outputs[0]["latents"], np.ndarray)
+    assert executor.metrics.busy_s == busy + seconds  # counted busy, as the simulator counts it
 
 
 def test_a_step_queued_while_its_state_is_replayed_goes_beside_the_new_holder() -> None:

@@ -160,8 +160,8 @@ class Executor:
         """One event per wait (the coordinator adds up waits): its LoRAs' sources joined by '+'."""
         self._events.append(ModelEvent("+".join(source for source, _ in patches), "lora_wait", seconds))
 
-    def _count(self, items: int) -> None:
-        self.metrics.busy_s += self.last_execution_s
+    def _count(self, items: int, seconds: float) -> None:
+        self.metrics.busy_s += seconds
         self.metrics.batches += 1
         self.metrics.batch_sizes[items] += 1
 
@@ -197,7 +197,7 @@ class Executor:
             finally:
                 self.cache.unpin(model_id)
             self.last_execution_s = time.perf_counter() - started
-            self._count(len(misses))
+            self._count(len(misses), self.last_execution_s)
             return self._answer(lookup, outputs)
 
     async def run_async(
@@ -239,7 +239,7 @@ class Executor:
         finally:
             async with self._device():
                 self.cache.unpin(model_id)
-        self._count(len(misses))
+        self._count(len(misses), self.last_execution_s)
         return self._answer(lookup, outputs)
 
     async def run_beside(
@@ -248,7 +248,8 @@ class Executor:
         """A side-lane batch (a request's noise-scheduler call: a fraction of a millisecond on small
         tensors, its state the request's own) runs at once, without the device lock that a batch of
         the queue holds for its whole forward pass, so it never waits behind one. Its outputs and
-        execution seconds (the last-batch fields and the device's busy time are the queue's)."""
+        execution seconds (the last-batch fields are the queue's; its seconds count as busy ones,
+        as the simulator counts them, though they overlap the queue's)."""
         if model_id not in self.cache:  # its first call here: a load (no device memory), under the lock
             await asyncio.to_thread(self.load, model_id)
         with contextlib.suppress(KeyError):  # recently used: the last model an eviction picks
@@ -259,7 +260,9 @@ class Executor:
             await asyncio.sleep(seconds)
         else:
             outputs = await asyncio.to_thread(self.backend.run, op, model_id, mode, items, (), None)
-        return outputs, time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self._count(len(items), seconds)
+        return outputs, seconds
 
     @contextlib.asynccontextmanager
     async def _device(self) -> AsyncIterator[None]:
