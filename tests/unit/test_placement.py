@@ -117,7 +117,7 @@ def _plain_batches(scheduler: core.Scheduler, idle: int) -> list[list[tuple[str,
     with the next entries of its batch key (one node for a noise-scheduler node, else up to the
     latency-mode size, or the throughput-mode one when the key's entries need more workers than
     are idle), sorted by their leads' priorities."""
-    queue = scheduler._ready_queue()
+    queue = [entry for entry in scheduler._ready.ordered() if scheduler._runnable(entry)]
     groups: dict[tuple[object, ...], list[tuple[str, str]]] = {}
     for entry in queue:
         groups.setdefault(core._batch_key(scheduler._node(entry)), []).append(entry)

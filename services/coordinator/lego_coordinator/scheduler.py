@@ -659,9 +659,6 @@ class Scheduler:
         """A stateful node waits while its request's scheduler state is being rebuilt."""
         return bool(request.replay) and node.state_key != "" and node.id != request.replay[0]
 
-    def _ready_queue(self) -> list[tuple[str, str]]:
-        return [entry for entry in self._ready.ordered() if self._runnable(entry)]
-
     def _node(self, entry: tuple[str, str]) -> TaskNode:
         return self._requests[entry[0]].graph.nodes[entry[1]]
 
@@ -1133,9 +1130,6 @@ class Scheduler:
         self._planned_at = now
 
     def _schedule_monolithic(self, now: float, decisions: Decisions) -> None:
-        queues: defaultdict[str, list[tuple[str, str]]] = defaultdict(list)  # by request
-        for entry in self._ready_queue():
-            queues[entry[0]].append(entry)
         self._assign_requests(now)
 
         for worker in self._workers.values():
@@ -1145,12 +1139,17 @@ class Scheduler:
             if serving is None or serving.finished:
                 worker.serving = None
                 continue
-            queue = queues[serving.request_id]
+            queue = self._ready_of(serving)
             if queue:
                 key = _batch_key(self._node(queue[0]))
                 limit = 1 if _stateful(self._node(queue[0])) else len(queue)
                 batch = [e for e in queue if _batch_key(self._node(e)) == key][:limit]
                 self._dispatch(batch, worker, now, decisions)
+
+    def _ready_of(self, request: _Request) -> list[tuple[str, str]]:
+        """The request's ready entries, highest priority first."""
+        entries = ((request.request_id, node_id) for node_id in request.graph.nodes)
+        return sorted((e for e in entries if e in self._ready and self._runnable(e)), key=self._priority)
 
     def _assign_requests(self, now: float) -> None:
         """FCFS: each waiting request, in arrival order, takes a free worker it may run on (the one

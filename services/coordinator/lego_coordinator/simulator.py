@@ -24,7 +24,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 
 from lego.device_cache import DeviceCache
-from lego.graph import instantiate
+from lego.graph import RequestGraph, instantiate
 from lego.profiles import ProfileSet, profile_name
 from lego.request_inputs import resolve_inputs
 from lego.v1 import compiler_pb2
@@ -141,6 +141,7 @@ class Simulator:
         self._seq = itertools.count()
         self._dispatched: dict[str, core.Dispatch] = {}
         self._ends: dict[str, float] = {}  # task id → when the batch running it ends (while it runs)
+        self._graphs: dict[tuple[str, tuple[tuple[str, Scalar], ...]], RequestGraph] = {}
 
     def _start_workers(self, arrivals: list[Arrival]) -> None:
         """Every worker's host-memory pool holds the models of the workflows it may serve, as after
@@ -148,8 +149,7 @@ class Simulator:
         models: set[str] = set()
         for name in {a.workflow for a in arrivals}:
             example = next(a for a in arrivals if a.workflow == name)
-            spec = self.workflows[name]
-            graph = self.scheduler.as_placed(name, instantiate(spec, resolve_inputs(spec, example.inputs)))
+            graph = self.scheduler.as_placed(name, self._graph(example))
             models |= {node.model for node in graph.nodes.values()}
         for worker in self.workers.values():
             worker.host_models |= models
@@ -270,9 +270,18 @@ class Simulator:
     def _gpu_seconds_and_loads(self) -> tuple[float, int]:
         return sum(w.busy_s for w in self.workers.values()), sum(w.loads for w in self.workers.values())
 
+    def _graph(self, arrival: Arrival) -> RequestGraph:
+        """The request's graph. Requests with the same inputs share one: the scheduler reads a
+        graph and never changes it (what a request has done is kept apart)."""
+        key = (arrival.workflow, tuple(sorted(arrival.inputs.items())))
+        graph = self._graphs.get(key)
+        if graph is None:
+            spec = self.workflows[arrival.workflow]
+            graph = self._graphs[key] = instantiate(spec, resolve_inputs(spec, arrival.inputs))
+        return graph
+
     def _admit(self, request_id: str, arrival: Arrival, now: float) -> Outcome:
-        spec = self.workflows[arrival.workflow]
-        graph = instantiate(spec, resolve_inputs(spec, arrival.inputs))
+        graph = self._graph(arrival)
         admission = self.scheduler.admit(request_id, arrival.workflow, graph, now, arrival.slo_s)
         slo = admission.deadline - now if math.isfinite(admission.deadline) else math.inf
         outcome = Outcome(arrival.workflow, now, slo)
