@@ -56,11 +56,14 @@ SHEPHERD_REPLAN_S = 10.0
 # FLUX.1-schnell held RS 8 (0.92 vs 0.89), but a live burst far above capacity left the admitted
 # requests meeting only 67 % of their SLOs (tests/integration/test_coordinator_faults.py).
 ADMISSION_HEADROOM = 0.95
-# The admission estimate is scaled by how late recent requests ended against theirs (never below 1:
-# batching makes most requests beat it). Beyond capacity, a mix of many models loads them over and
-# over, which the backlog model does not see: unscaled, admitted requests missed their deadlines in
-# a cascade (simulated twelve-workflow mix at RS 2: 0.24 attainment, 48 of 89 dropped).
-LATENESS_WEIGHT = 0.1  # of each finished (or dropped) request in the moving average
+# While more of the recently admitted requests miss their deadlines than the 90 % attainment target
+# allows, admission inflates its estimate: by 1 / (1 - the excess share of misses). Beyond capacity,
+# a cluster shared by many models loads them over and over, which the backlog model does not see,
+# and admitted requests missed their deadlines in a cascade (simulated twelve-workflow mix at RS 2:
+# 0.24 attainment, 48 of 89 dropped). Scaling by latency ÷ estimate instead also refused requests
+# that would have met their SLOs just above capacity (SD3-medium at RS 4.5: 0.91 → 0.90).
+MISS_TOLERANCE = 0.1
+MISS_WEIGHT = 0.05  # of each admitted request's outcome in the moving average of misses
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ class _Request:
     readers: dict[Ref, int] = field(default_factory=dict)  # consumers still to read each tensor
     kept: set[Ref] = field(default_factory=set)  # freed only with the request (outputs, replay inputs)
     pending: PendingWork = field(default_factory=PendingWork)  # its nodes not done yet, for admission
-    estimate_s: float = 0.0  # its latency as admission estimated it (before scaling by lateness)
+    admitted_by_estimate: bool = False  # its outcome counts in the miss rate that admission follows
 
     def __post_init__(self) -> None:
         self.site = self.graph.approx
@@ -322,7 +325,7 @@ class Scheduler:
         self._chain_dirty: set[str] = set()
         self._chain_all = True  # ... or at every worker (chaining was off, or the split mode turned)
         self._split_mode = False
-        self._lateness = 1.0  # recent requests' latency ÷ their admission estimate, moving average
+        self._miss_rate = 0.0  # moving average over admitted requests as they end: 1 for a miss
 
     # ---- membership ----
 
@@ -546,7 +549,6 @@ class Scheduler:
         slo = slo_s if slo_s else self.slo_factor * standalone
         deadline = now + slo if (self.enforce_slo or slo_s) else math.inf
         estimate = standalone
-        unscaled = 0.0  # the estimate that lateness is observed against (under lego's admission)
         floor = self.costs.floor_s(graph)
         if slo_s and slo_s < floor:  # not even its execution fits, whatever the load: the client's error
             reason = f"slo_ms must be at least its execution time on an idle worker, {floor * 1000:.1f} ms"
@@ -554,8 +556,7 @@ class Scheduler:
         if self.policy == "lego" and self.enforce_slo:
             if not self._active_count():
                 return Admission(False, "no workers are serving", deadline, math.inf, standalone)
-            unscaled = self._backlog_s(deadline) + standalone
-            estimate = unscaled * max(1.0, self._lateness)
+            estimate = (self._backlog_s(deadline) + standalone) * self._admission_scale()
             # Alone on the cluster a request is admitted whatever the estimate says: refusing it
             # would leave the cost model nothing to learn from, so overrun estimates could refuse
             # every request from then on.
@@ -570,7 +571,7 @@ class Scheduler:
                 )
         graph = self.as_placed(workflow, graph)
         request = _Request(request_id, workflow, graph, now, next(self._seq), deadline, standalone, {}, {})
-        request.estimate_s = unscaled
+        request.admitted_by_estimate = self.policy == "lego" and self.enforce_slo
         work = self.costs.work_s(graph.nodes.values())
         request.work_ratio = standalone / work if work > 0 else 1.0
         request.models = frozenset(node.model for node in graph.nodes.values())
@@ -657,7 +658,7 @@ class Scheduler:
         for request in sorted(expired, key=lambda r: r.seq):
             waited, slo = now - request.arrival, request.deadline - request.arrival
             message = f"deadline passed after {waited:.3f}s (SLO {slo:.3f}s)"
-            self._observe_lateness(request, now)
+            self._observe_outcome(request, now)
             events.append(self._fail(request, message, "deadline"))
 
     def _priority(self, entry: tuple[str, str]) -> tuple[float, int, int, int]:
@@ -1261,15 +1262,18 @@ class Scheduler:
             if request.site is not None and node.id == request.site.encoder:
                 self._look_up_approx(request, (signatures or {}).get(task.task_id, ()))
             if len(request.done) == len(request.graph.nodes):
-                self._observe_lateness(request, now)
+                self._observe_outcome(request, now)
                 events.append(self._finish(request))
         return events
 
-    def _observe_lateness(self, request: _Request, now: float) -> None:
-        """A request admitted against an estimate ended (done, or dropped at its deadline) now."""
-        if request.estimate_s > 0:
-            late = (now - request.arrival) / request.estimate_s
-            self._lateness += LATENESS_WEIGHT * (late - self._lateness)
+    def _observe_outcome(self, request: _Request, now: float) -> None:
+        """A request ended now: done, or dropped at its deadline."""
+        if request.admitted_by_estimate:
+            missed = 1.0 if now >= request.deadline else 0.0
+            self._miss_rate += MISS_WEIGHT * (missed - self._miss_rate)
+
+    def _admission_scale(self) -> float:
+        return 1.0 / (1.0 - min(0.9, max(0.0, self._miss_rate - MISS_TOLERANCE)))
 
     def _finish(self, request: _Request) -> RequestDone:
         request.finished = True
