@@ -11,6 +11,9 @@ arrivals, not counted) and then the trace, open loop: each request is sent at it
 and GPU-seconds are reported in emulated-GPU time (wall time x K). `--duration S` keeps only the
 first S seconds of each run. The figures have the simulator's keys, so the two can be compared.
 
+`--connect GATEWAY --store etcd://HOST:PORT` replays on a running cluster instead (lego_cli.bench_target:
+one policy, the cluster's; its workers must run the emulated backend at `--time-scale`).
+
 `--opt embed-cache` replays every run twice on fresh clusters, without and with the workers' exact
 text-embedding cache, and adds `speedup`: the baseline's median latency over the optimised one's,
 both runs' busy device seconds, the cache's hit rate and the encoder seconds it saved.
@@ -34,12 +37,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -48,19 +51,18 @@ from lego.graph import instantiate
 from lego.grpc_server import channel
 from lego.request_inputs import resolve_inputs
 from lego.traces import TraceRequest
-from lego.v1 import common_pb2, compiler_pb2_grpc, coordinator_pb2_grpc, worker_pb2, worker_pb2_grpc
+from lego.v1 import compiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from lego.values import Scalar
 from lego_coordinator.scheduler import as_placed
 from lego_coordinator.service import CoordinatorConfig
 from lego_coordinator.simulator import Outcome, summarize
-from lego_worker.agent import WorkerConfig, WorkerService
-from lego_worker.embedding_cache import EmbeddingCacheStats
+from lego_worker.agent import WorkerConfig
 from lego_worker.emulated_backend import LORA_FETCH_MEDIAN_S
 from lego_worker.lora_loads import DEFAULT_CAPACITY as DEFAULT_LORA_CAPACITY
-from lego_worker.lora_loads import LoRAStats
 
-from lego_cli import lora_quality
+from lego_cli import bench_target, lora_quality
 from lego_cli.approx import measure_quality, with_approx_cache
+from lego_cli.bench_target import BenchTarget, Counters
 from lego_cli.cluster import EmbeddedCluster
 from lego_cli.loras import assign_loras, parse_lora_mix, with_loras
 from lego_cli.plot import attainment_plot
@@ -78,6 +80,18 @@ DEFAULT_LORA_ASYNC_STEPS = 8
 def configure(parser: argparse.ArgumentParser) -> None:
     add_workload_flags(parser)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--connect",
+        default="",
+        metavar="GATEWAY",
+        help="replay on this running cluster (the gateway's gRPC HOST:PORT; started with --enforce-slo "
+        "and the same --time-scale) instead of starting one",
+    )
+    parser.add_argument(
+        "--store",
+        default="etcd://127.0.0.1:2379",
+        help="with --connect: the cluster's store, where its compiler and coordinator are found",
+    )
     parser.add_argument("--time-scale", type=float, default=10.0, help="emulated GPUs run K times faster")
     parser.add_argument("--duration", type=float, default=0.0, help="replay only the first S seconds")
     parser.add_argument(
@@ -147,6 +161,12 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--lora-fetch-s must be ≥ 0, got {args.lora_fetch_s:g}")
     if args.lora_capacity < 1:
         raise ValueError(f"--lora-capacity must be ≥ 1, got {args.lora_capacity}")
+    if args.connect and args.opt:
+        raise ValueError(
+            f"--opt {'+'.join(args.opt)} needs clusters started without and with it: not with --connect"
+        )
+    if args.connect and len(policies_of(args.policy)) > 1:
+        raise ValueError(f"--policy {args.policy}: a running cluster (--connect) serves one policy")
 
 
 def _zipf_flag(parse: Callable[[str], object]) -> Callable[[str], str]:
@@ -163,7 +183,7 @@ def _zipf_flag(parse: Callable[[str], object]) -> Callable[[str], str]:
     return check
 
 
-async def _register(cluster: EmbeddedCluster, chosen: Workload) -> dict[str, str]:
+async def _register(cluster: BenchTarget, chosen: Workload) -> dict[str, str]:
     """Register every workflow of the workload: tenant → registered name."""
     async with channel(cluster.compiler_address) as chan:
         stub = compiler_pb2_grpc.CompilerStub(chan)
@@ -172,15 +192,14 @@ async def _register(cluster: EmbeddedCluster, chosen: Workload) -> dict[str, str
     return {tenant: spec.name for tenant, spec in chosen.workflows.items()}
 
 
-async def _prefetch(cluster: EmbeddedCluster, chosen: Workload, policy: str) -> int:
+async def _prefetch(cluster: BenchTarget, chosen: Workload, policy: str) -> int:
     """Every model the policy will run (private copies under the baselines) into every worker's host
     memory, as the simulator's workers start; the number of prefetches."""
     models: set[str] = set()
     for tenant, spec in chosen.workflows.items():
         graph = as_placed(policy, spec.name, instantiate(spec, resolve_inputs(spec, chosen.inputs[tenant])))
         models |= {node.model for node in graph.nodes.values() if not node.model.startswith("builtin:")}
-    async with channel(cluster.coordinator_address) as chan:
-        status = await coordinator_pb2_grpc.CoordinatorStub(chan).ClusterStatus(common_pb2.Empty())
+    status = await bench_target.cluster_status(cluster.coordinator_address)
     addresses = [worker.address for worker in status.workers]
 
     async def fill(address: str) -> None:
@@ -256,61 +275,32 @@ async def _replay_run(
     return list(await asyncio.gather(*sends))
 
 
-@dataclass(frozen=True)
-class _Counters:
-    """What the cluster's workers have counted so far: subtract two to get a run's figures."""
-
-    loads: int
-    busy_s: float
-    cache: EmbeddingCacheStats
-    loras: LoRAStats
-
-    @staticmethod
-    def of(cluster: EmbeddedCluster) -> _Counters:
-        executors = [s.agent.executor for s in cluster.services if isinstance(s, WorkerService)]
-        cache = EmbeddingCacheStats()
-        for embeddings in (e.embeddings for e in executors if e.embeddings is not None):
-            cache.hits += embeddings.stats.hits
-            cache.misses += embeddings.stats.misses
-            cache.saved_s += embeddings.stats.saved_s
-        loras = LoRAStats()
-        for stats in (e.loras.stats for e in executors):
-            loras.fetches += stats.fetches
-            loras.waits += stats.waits
-            loras.unpatched += stats.unpatched
-        return _Counters(
-            sum(e.metrics.loads for e in executors), sum(e.metrics.busy_s for e in executors), cache, loras
-        )
-
-    def since(self, before: _Counters, time_scale: float, cached: bool) -> dict[str, Any]:
-        """The run's loads, busy device seconds and embedding-cache figures, in emulated time."""
-        hits, misses = self.cache.hits - before.cache.hits, self.cache.misses - before.cache.misses
-        cache = {
-            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
-            "encoder_seconds_saved": round((self.cache.saved_s - before.cache.saved_s) * time_scale, 3),
-        }
-        loras = {
-            "fetches": self.loras.fetches - before.loras.fetches,
-            "waiting_batches": self.loras.waits - before.loras.waits,
-            "unpatched_batches": self.loras.unpatched - before.loras.unpatched,
-        }
-        return {
-            "model_loads": self.loads - before.loads,
-            "gpu_seconds": round((self.busy_s - before.busy_s) * time_scale, 3),
-            "embedding_cache": cache if cached else None,
-            "lora_workers": loras,
-        }
+def _since(now: Counters, before: Counters, time_scale: float, cached: bool) -> dict[str, Any]:
+    """The run's loads, busy device seconds and embedding-cache figures, in emulated time."""
+    hits, misses = now.cache.hits - before.cache.hits, now.cache.misses - before.cache.misses
+    cache = {
+        "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None,
+        "encoder_seconds_saved": round((now.cache.saved_s - before.cache.saved_s) * time_scale, 3),
+    }
+    loras = {
+        "fetches": now.loras.fetches - before.loras.fetches,
+        "waiting_batches": now.loras.waits - before.loras.waits,
+        "unpatched_batches": now.loras.unpatched - before.loras.unpatched,
+    }
+    return {
+        "model_loads": now.loads - before.loads,
+        "gpu_seconds": round((now.busy_s - before.busy_s) * time_scale, 3),
+        "embedding_cache": cache if cached and now.detailed else None,
+        "lora_workers": loras if now.detailed else None,
+    }
 
 
-async def replay(
-    args: argparse.Namespace,
-    policy: str,
-    chosen: Workload,
-    runs: list[tuple[float, list[TraceRequest]]],
-    opts: tuple[str, ...] = (),
-) -> list[dict[str, Any]]:
-    """Every run of the series on one fresh cluster with `policy` and `opts` (one cluster each)."""
-    cache_bytes = int(args.embedding_cache_mb * 2**20) if "embed-cache" in opts else 0
+def _target(
+    args: argparse.Namespace, policy: str, cache_bytes: int
+) -> contextlib.AbstractAsyncContextManager[BenchTarget]:
+    """The running cluster given by `--connect`, else a fresh embedded one with `policy`."""
+    if args.connect:
+        return bench_target.connected(args.connect, args.store, policy)
     cluster = EmbeddedCluster(
         workers=args.workers,
         worker=WorkerConfig(
@@ -329,6 +319,18 @@ async def replay(
             profile_dir=args.profile,
         ),
     )
+    return bench_target.embedded(cluster)
+
+
+async def replay(
+    args: argparse.Namespace,
+    policy: str,
+    chosen: Workload,
+    runs: list[tuple[float, list[TraceRequest]]],
+    opts: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """Every run of the series on one fresh cluster with `policy` and `opts` (one cluster each)."""
+    cache_bytes = int(args.embedding_cache_mb * 2**20) if "embed-cache" in opts else 0
     results = []
     served = chosen
     if args.loras:  # each tenant's workflow with each LoRA of the mix, asynchronous or not
@@ -336,7 +338,10 @@ async def replay(
         served = with_loras(chosen, args.loras, async_steps)
     if "approx-cache" in opts:
         served = with_approx_cache(served)
-    async with cluster, AsyncGatewayClient(cluster.gateway_address, timeout_s=3600) as client:
+    async with (
+        _target(args, policy, cache_bytes) as cluster,
+        AsyncGatewayClient(cluster.gateway_address, timeout_s=3600) as client,
+    ):
         names = await _register(cluster, served)
         prefetched = await _prefetch(cluster, chosen, policy)
         base = {tenant: names[tenant] for tenant in chosen.workflows}
@@ -354,9 +359,9 @@ async def replay(
             warmup = warmup_of(arrivals, sorted(chosen.workflows), args.warmup)
             await _replay_run(client, names, served, warmup, unbounded, args.time_scale)
             prompts = draw_prompts(args.prompts, len(arrivals)) if args.prompts else None
-            before = _Counters.of(cluster)
+            before = await cluster.counters()
             answered = await _replay_run(client, names, served, arrivals, slo_s, args.time_scale, prompts)
-            counted = _Counters.of(cluster).since(before, args.time_scale, cached=cache_bytes > 0)
+            counted = _since(await cluster.counters(), before, args.time_scale, cached=cache_bytes > 0)
             lags = sorted(lag for _, lag, _, _ in answered)
             unpatched = [calls for outcome, _, _, (calls, _) in answered if not outcome.failure]
             skipped = [steps for outcome, _, _, (_, steps) in answered if not outcome.failure]
@@ -365,7 +370,7 @@ async def replay(
                 if outcome.failure:
                     first_messages.setdefault(outcome.failure, message)
             results.append(
-                {"policy": policy, "rs": scale, "opt": "+".join(opts) or "none"}
+                {"policy": policy, "rs": scale, "opt": "+".join(opts) or "none", "workers": cluster.workers}
                 | summarize([outcome for outcome, _, _, _ in answered])
                 | {
                     "failures": dict(Counter(o.failure for o, _, _, _ in answered if o.failure)),
@@ -430,7 +435,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     figures = {
         "family": args.family,
         "skew": args.skew,
-        "workers": args.workers,
+        "workers": results[0]["workers"] if results else args.workers,
         "time_scale": args.time_scale,
         "max_rs_at_90": max_rs,
         "runs": results,

@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lego_cli.cluster import ProcessCluster
 from lego_cli.main import main
+
+from tests.conftest import EtcdProcess
 
 # two at once, then one every 4 s of emulated time (twice the workflows' standalone latency):
 # a light load, met whatever the machine's speed, since the SLOs are measured on it
@@ -128,3 +131,32 @@ def test_async_lora_needs_requests_that_use_loras() -> None:
     argv = ["bench", "slo", "--trace", "poisson:rate=1,duration=5", "--family", "sd15", "--opt", "async-lora"]
     with pytest.raises(SystemExit, match="--opt async-lora needs --loras"):
         main(argv)
+
+
+def test_the_bench_replays_on_a_running_process_cluster_under_its_policy(
+    etcd: EtcdProcess, tmp_path: Path
+) -> None:
+    scale = ("--time-scale", "2")
+    with (tmp_path / "cluster.log").open("w") as log:
+        cluster = ProcessCluster(
+            etcd.url,
+            workers=2,
+            log_file=log,
+            worker_args=("--backend", "emulated", *scale),
+            coordinator_args=("--enforce-slo", *scale),
+        ).start()
+        try:
+            argv, out = light_bench(tmp_path)
+            connect = ["--connect", cluster.gateway_address, "--store", etcd.url, "--warmup", "1"]
+            assert main([*argv, *connect, "--json", str(out)]) == 0
+            figures = json.loads(out.read_text())
+            assert figures["policy"] == "lego" and figures["workers"] == 2
+            assert figures["requests"] == 6 and figures["completed"] >= 4, figures
+            assert figures["prefetched"] == 2 * 6
+            assert figures["gpu_seconds"] > 0 and figures["embedding_cache"] is None  # from the workers
+            with pytest.raises(SystemExit, match="runs 'lego'"):
+                main([*argv, *connect, "--policy", "static"])
+            with pytest.raises(SystemExit, match="--opt embed-cache needs clusters"):
+                main([*argv, *connect, "--opt", "embed-cache"])
+        finally:
+            cluster.stop()
