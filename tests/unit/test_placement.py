@@ -22,7 +22,7 @@ from lego.traces import parse_synthetic
 from lego_cli.workloads import assign_tenants, warmup_of, workload
 from lego_coordinator import scheduler as core
 from lego_coordinator.placement import WorkerPools
-from lego_coordinator.ready_queue import ReadyQueue
+from lego_coordinator.ready_queue import COMPACT_AT, ReadyQueue
 from lego_coordinator.simulator import Arrival, Simulator
 
 MODELS = ("unet", "vae", "controlnet")
@@ -110,6 +110,17 @@ def test_the_ready_queue_lists_by_priority_once_each() -> None:
     assert queue.ordered() == [("r", "b"), ("r", "a"), ("r", "c")]
     queue.difference_update([("r", "a"), ("r", "c")])
     assert queue.ordered() == [("r", "b")] and bool(queue)
+
+
+def test_the_ready_queue_stays_small_when_nobody_reads_it() -> None:
+    queue = ReadyQueue(lambda entry: (int(entry[1]),), group=lambda entry: int(entry[1]) % 3)
+    for index in range(10_000):  # as under the monolithic baselines: added and taken, never listed
+        queue.add(("r", str(index)))
+        if index >= 5:
+            queue.discard(("r", str(index - 5)))
+    assert len(queue) == 5
+    assert sum(len(order.items) for order in queue._groups.values()) < 3 * (2 * COMPACT_AT + 5)
+    assert queue.ordered() == [("r", str(index)) for index in range(9_995, 10_000)]
 
 
 def _plain_batches(scheduler: core.Scheduler, idle: int) -> list[list[tuple[str, str]]]:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 Entry = tuple[str, str]  # (request id, node id)
+COMPACT_AT = 64  # stale items an order may hold before sweeping them is worth its pass
 Item = tuple[tuple[Any, ...], int, Entry]  # (priority, token, entry)
 
 
@@ -83,10 +84,17 @@ class ReadyQueue:
 
     def discard(self, entry: Entry) -> None:
         if self._members.pop(entry, None) is not None:
-            self._groups[self._group_of.pop(entry)].stale += 1
+            self._forget(self._groups[self._group_of.pop(entry)])
             if entry in self._in_lane:
                 self._in_lane.discard(entry)
-                self._lane_order.stale += 1
+                self._forget(self._lane_order)
+
+    def _forget(self, order: _Order) -> None:
+        """One of the order's items is stale now; swept here once most are, so that an order nobody
+        reads (the monolithic baselines read none) stays as small as its live entries."""
+        order.stale += 1
+        if order.stale > COMPACT_AT and 2 * order.stale > len(order.items):
+            order.live(self._members)
 
     def difference_update(self, entries: Iterable[Entry]) -> None:
         for entry in entries:
