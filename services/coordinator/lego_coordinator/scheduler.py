@@ -318,12 +318,12 @@ class Scheduler:
         self._pools: WorkerPools[_Worker] = WorkerPools()  # active workers with room
         self._idle: set[str] = set()  # active workers with nothing in flight
         self._draining: set[str] = set()
-        self._full_holders: dict[str, list[_Worker]] = {}  # model → its holders with no room, this round
-        self._full_holders_free_at: dict[str, float] = {}  # model → when the first of those frees
+        # model → its holders with no room this round, and when the first of them frees
+        self._full_holders: dict[str, tuple[list[_Worker], float]] = {}
         self._preloads: Counter[str] = Counter()  # model → workers loading it ahead of its work
         # chaining looks again only at workers whose batches, models or requests changed since
         self._chain_dirty: set[str] = set()
-        self._chain_all = True  # ... or at every worker (chaining was off, or the split mode turned)
+        self._chain_all = True  # ... or at every worker (at first, or when the split mode turned)
         self._split_mode = False
         self._miss_rate = 0.0  # moving average over admitted requests as they end: 1 for a miss
 
@@ -989,22 +989,20 @@ class Scheduler:
         if chosen is not None and (node.model in chosen.loaded or node.model in chosen.preloading):
             return False
         load = self.costs.load_s(node.model)
-        full = self._full_holders.get(node.model)
-        if full is None:  # the same for every batch until the next dispatch
+        if node.model not in self._full_holders:  # the same for every batch until the next dispatch
             full = [
                 w
                 for w in map(self._workers.__getitem__, self._holders[node.model])
                 if not w.draining and len(w.in_flight) >= self.max_in_flight and w.busy_until > now - load
             ]
-            self._full_holders[node.model] = full
-            self._full_holders_free_at[node.model] = min((w.busy_until for w in full), default=math.inf)
+            self._full_holders[node.model] = full, min((w.busy_until for w in full), default=math.inf)
+        full, first_free = self._full_holders[node.model]
         holders = self._safe_for_deferred(batch, full)
         if not holders:
             return False
-        if holders is full:
-            free_in = max(0.0, self._full_holders_free_at[node.model] - now)
-        else:
-            free_in = max(0.0, min(w.busy_until for w in holders) - now)
+        if holders is not full:
+            first_free = min(w.busy_until for w in holders)
+        free_in = max(0.0, first_free - now)
         queued = (waiting[node.model] + 1) * self.costs.exec_s(node, len(batch)) / len(holders)
         if free_in + queued >= load:
             return False
