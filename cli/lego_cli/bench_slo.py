@@ -291,7 +291,7 @@ def _since(now: Counters, before: Counters, time_scale: float, cached: bool) -> 
         "model_loads": now.loads - before.loads,
         "gpu_seconds": round((now.busy_s - before.busy_s) * time_scale, 3),
         "embedding_cache": cache if cached and now.detailed else None,
-        "lora_workers": loras if now.detailed else None,
+        "lora_workers": loras if now.detailed else {},  # a running cluster's workers count none
     }
 
 
