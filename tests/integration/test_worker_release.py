@@ -67,8 +67,7 @@ async def run(
 ) -> None:
     for batch in batches:  # what the stream does on receipt, in order
         agent._expect_outputs(batch)
-    if released:
-        agent._release(released)
+    agent._release(released)
     for batch in batches:  # the queue, in order
         await agent._answer(stream, batch)
 
