@@ -62,8 +62,8 @@ class WorkerPools(Generic[W]):
 
     def __init__(self) -> None:
         self.now = -math.inf
-        # host → model (or ALL) → its workers by key: the idle ones first (key -inf), by index
-        self._lists: dict[str, dict[str, list[tuple[Key, W]]]] = {}
+        # host → model (or ALL) → its workers' keys, sorted: the idle ones first (key -inf), by index
+        self._lists: dict[str, dict[str, list[Key]]] = {}
         self._filed: dict[int, _Filed[W]] = {}  # by worker index
         self._wakes: list[tuple[float, int]] = []  # heap: when a queued worker turns idle
 
@@ -93,14 +93,14 @@ class WorkerPools(Generic[W]):
         self._filed.pop(worker.index, None)
         if filed is not None:
             for host, model in filed.pools:
-                entries = self._lists[host][model]
-                del entries[bisect.bisect_left(entries, filed.key, key=_key)]
+                keys = self._lists[host][model]
+                del keys[bisect.bisect_left(keys, filed.key)]
         if not free:
             return
         key = self._key(worker)
         pools = _pools_of(worker)
         for host, model in pools:
-            bisect.insort(self._lists.setdefault(host, {}).setdefault(model, []), (key, worker), key=_key)
+            bisect.insort(self._lists.setdefault(host, {}).setdefault(model, []), key)
         self._filed[worker.index] = _Filed(worker, key, pools)
         if key[0] != -math.inf:
             heapq.heappush(self._wakes, key)
@@ -123,22 +123,19 @@ class WorkerPools(Generic[W]):
         for host, pools in self._lists.items():
             if hosts and host not in hosts:
                 continue
-            for entries in (pools.get(ALL), pools.get(model)):
-                if not entries:
+            for keys in (pools.get(ALL), pools.get(model)):
+                if not keys:
                     continue
                 picks = [0]  # the first idle worker, else the one whose work ends first
-                if entries[0][0][0] == -math.inf:  # and the first with work queued
-                    picks.append(bisect.bisect_left(entries, (-math.inf, math.inf), key=_key))
+                if keys[0][0] == -math.inf:  # and the first with work queued
+                    picks.append(bisect.bisect_left(keys, (-math.inf, math.inf)))
                 if made_at > self.now:
-                    after = bisect.bisect_right(entries, (made_at, math.inf), key=_key)
+                    after = bisect.bisect_right(keys, (made_at, math.inf))
                     picks.append(after)  # the first whose work ends after `made_at`
-                    if after > 0 and entries[after - 1][0][0] != -math.inf:  # the last to end by then
-                        picks.append(bisect.bisect_left(entries, (entries[after - 1][0][0], -1), key=_key))
+                    if after > 0 and keys[after - 1][0] != -math.inf:  # the last to end by then
+                        picks.append(bisect.bisect_left(keys, (keys[after - 1][0], -1)))
                 for pick in picks:
-                    if pick < len(entries):
-                        chosen[entries[pick][1].index] = entries[pick][1]
+                    if pick < len(keys):
+                        index = keys[pick][1]
+                        chosen[index] = self._filed[index].worker
         return list(chosen.values())
-
-
-def _key(entry: tuple[Key, object]) -> Key:
-    return entry[0]
