@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 from lego.builtin_workflows import flux_txt2img, sd3_txt2img, sd15_controlnet, sd15_txt2img
+from lego.data_uri import encode_data_uri
 from lego.traces import TraceRequest, load_trace, parse_synthetic, rescale
 from lego.v1 import compiler_pb2
 from lego.values import Scalar
-from lego_worker.images import encode_data_uri
 
 # The control image of B and C requests (emulated workers only check that it is there).
 CONTROL_IMAGE = encode_data_uri(np.full((64, 64, 3), 128, dtype=np.uint8))

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 from lego import operators
 from lego.builtin_workflows import sd3_txt2img
+from lego.data_uri import encode_data_uri
 from lego.graph import validate_spec
 from lego_compiler.comfyui import import_comfyui
 from lego_compiler.model_map import ModelMap
-from lego_worker.images import encode_data_uri
 
 from tests.integration.test_families import SETTINGS, SIZE, run, sd3_controlnet_reference
 from tests.integration.test_sd15_adapters import pattern

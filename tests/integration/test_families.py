@@ -27,12 +27,12 @@ from lego.builtin_workflows import (
     sdxl_img2img,
     sdxl_txt2img,
 )
+from lego.data_uri import decode_image, encode_data_uri
 from lego.grpc_server import channel
 from lego.v1 import compiler_pb2, compiler_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from lego.values import Scalar, to_values
 from lego.workflow import LoRA
 from lego_cli.cluster import EmbeddedCluster
-from lego_worker.images import decode_image, encode_data_uri
 from lego_worker.presets import build_tiny_sdxl, build_tiny_sdxl_controlnet, make_tiny_lora
 from lego_worker.presets_flux import (
     T5_MAX_LENGTH,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lego.builtin_workflows import TINY_SD15_TXT2IMG
+from lego.data_uri import encode_data_uri
 from lego.grpc_server import channel
 from lego.v1 import gateway_pb2, gateway_pb2_grpc
 from lego.values import to_values
@@ -22,7 +23,6 @@ from lego_cli.cluster import EmbeddedCluster
 from lego_coordinator.service import CoordinatorConfig
 from lego_gateway.auth import ApiKeys
 from lego_gateway.service import GatewayOptions
-from lego_worker.images import encode_data_uri
 
 from tests.pipeline_reference import decode_png
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from lego import metrics
 from lego.builtin_workflows import sd3_txt2img
-from lego_worker.images import encode_data_uri
+from lego.data_uri import encode_data_uri
 
 from tests.integration.test_deferred_inputs import node_order, run_watched
 from tests.integration.test_families import SETTINGS, SIZE, sd3_controlnet_reference

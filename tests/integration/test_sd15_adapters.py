@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline
 from lego.builtin_workflows import sd15_controlnet, sd15_img2img
+from lego.data_uri import decode_image, encode_data_uri
 from lego.grpc_server import channel
 from lego.v1 import (
     common_pb2,
@@ -20,7 +21,6 @@ from lego.v1 import (
 )
 from lego.values import Scalar, to_values
 from lego_cli.cluster import EmbeddedCluster
-from lego_worker.images import decode_image, encode_data_uri
 from lego_worker.presets import build_tiny_sd15, build_tiny_sd15_controlnet
 
 from tests.pipeline_reference import decode_png

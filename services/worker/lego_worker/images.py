@@ -1,49 +1,21 @@
-"""Images in requests (a `data:` URI with base64 PNG/JPEG bytes, or a local path) and the operators
-that turn them into tensors: `image.load` (VAE-encoder input in [-1, 1], as diffusers' img2img
-pipelines preprocess it) and `image.load_control` (a ControlNet's conditioning image in [0, 1],
-resized to the request's size, as diffusers' ControlNet pipelines preprocess it); `vae.encode`."""
+"""The operators that turn a request's images (lego.data_uri decodes them) into tensors: `image.load`
+(VAE-encoder input in [-1, 1], as diffusers' img2img pipelines preprocess it) and
+`image.load_control` (a ControlNet's conditioning image in [0, 1], resized to the request's size,
+as diffusers' ControlNet pipelines preprocess it); `vae.encode`."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from lego.data_uri import decode_image
 
 from lego_worker.backend import Item, Outputs
 from lego_worker.batch_io import concat, split, uniform
 
 VAE_SCALE_FACTOR = 8  # every supported family's VAE
-
-
-def decode_image(value: str) -> PIL.Image.Image:
-    """A request's image: `data:image/png;base64,...` or a path to a file on the worker."""
-    if value.startswith("data:"):
-        _, _, payload = value.partition(",")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except binascii.Error as error:
-            raise ValueError(f"image: malformed base64 data URI ({error})") from None
-        source: io.BytesIO | Path = io.BytesIO(data)
-    else:
-        source = Path(value)
-        if not source.is_file():
-            raise ValueError(f"image: {value[:80]!r} is neither a data: URI nor an existing file")
-    with PIL.Image.open(source) as image:
-        return image.convert("RGB")
-
-
-def encode_data_uri(pixels: np.ndarray) -> str:
-    """uint8 (H, W, 3) pixels as a PNG data URI (for requests and tests)."""
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def image_load(model: Any, items: list[Item], device: torch.device) -> list[Outputs]:
