@@ -277,7 +277,9 @@ def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(benchmarks: bool = True) -> argparse.ArgumentParser:
+    """The CLI's flags; `benchmarks` false leaves out those of each `lego bench NAME`, whose modules
+    import torch and the services (seconds that the other commands need not wait)."""
     parser = argparse.ArgumentParser(
         prog="lego", description="LegoDiffusion: micro-served diffusion workflows."
     )
@@ -328,10 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser("bench", help="benchmarks that print JSON figures")
-    benchmarks = bench.add_subparsers(dest="benchmark", required=True)
-    for name, module_name in BENCHMARKS.items():
+    names = bench.add_subparsers(dest="benchmark", required=True)
+    for name, module_name in BENCHMARKS.items() if benchmarks else ():
         module = import_module(module_name)
-        module.configure(benchmarks.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0]))
+        module.configure(names.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0]))
 
     serve = commands.add_parser("serve", help="run one service (flags: python -m lego_<service> --help)")
     serve.add_argument("service", choices=["gateway", "compiler", "coordinator", "worker", "dataengine"])
@@ -339,11 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
+    parser = build_parser(benchmarks="bench" in (sys.argv[1:] if argv is None else argv))
+    args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         return _serve(args, rest)
     if rest:
-        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     configure_logging(args.log_level)
     try:
         if args.command == "demo":

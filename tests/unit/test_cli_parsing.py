@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import grpc
 import pytest
 from lego.client import InvalidInput, LegoError, Progress
@@ -29,6 +32,19 @@ def test_watch_and_status_take_a_gateway_and_an_api_key_from_the_environment(
     generate = build_parser().parse_args(["generate", "--prompt", "p", "--progress"])
     assert generate.progress and generate.api_key is None
     assert not build_parser().parse_args(["generate", "--prompt", "p"]).progress
+
+
+def test_a_simulation_imports_no_torch() -> None:
+    """`lego sim` (and every command but `bench` and a torch worker) starts without importing torch
+    or diffusers, which took ~4 s of each run's start."""
+    script = (
+        "import sys; from lego_cli.main import main; "
+        "main(['sim', '--trace', 'poisson:rate=1,duration=2,seed=1', '--gpus', '1', '--rs', '1']); "
+        "print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "[]"
 
 
 def test_server_sent_events_parse_into_progress() -> None:

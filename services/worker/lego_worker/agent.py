@@ -35,7 +35,6 @@ from lego_worker.emulated_backend import LORA_FETCH_MEDIAN_S, EmulatedBackend
 from lego_worker.executor import Executor
 from lego_worker.lora_loads import DEFAULT_CAPACITY, LoRAStats
 from lego_worker.parts import ArrivingParts, PartPublisher, receive
-from lego_worker.torch_backend import TorchBackend
 
 log = structlog.get_logger("lego.worker")
 REGISTRATION_TTL_S = 5.0
@@ -89,6 +88,10 @@ def build_executor(config: WorkerConfig) -> Executor:
         backend = EmulatedBackend(profiles, config.time_scale, lora_fetch_median_s=fetch_s)
         budget = config.memory_bytes or EMULATED_DEVICE_BYTES
     elif config.backend == "torch":
+        # imported here: torch and diffusers take seconds to import, which every `lego` command
+        # that builds no torch worker (sim, workflows, emulated clusters) would pay
+        from lego_worker.torch_backend import TorchBackend
+
         policy = SourcePolicy.from_env(config.model_roots)
         backend = TorchBackend(config.device, policy, lora_fetch_min_s=config.lora_fetch_s or 0.0)
         budget = config.memory_bytes or int(psutil.virtual_memory().total * 0.9)
