@@ -57,12 +57,17 @@ class ApproxStats:
     evicted: int = 0
 
 
+# The shell's handle of a tensor on a data engine, opaque to the core. A named alias, not `object`
+# in the fields: compiled with mypyc (lego.native), a dataclass field annotated `object` fails to load.
+Handle = object
+
+
 @dataclass
 class _Item:
     key: int
     donor: str  # the request whose latent it is (its Free must spare it)
     skip: int
-    handle: object
+    handle: Handle
     nbytes: int
     host: str
     hits: int = 0
@@ -81,7 +86,7 @@ class Hit:
     item: int  # pinned: `unpin` it when the request no longer needs it
     skip: int
     similarity: float
-    handle: object
+    handle: Handle
     nbytes: int
     host: str
 

@@ -25,7 +25,7 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 
 class PooledWorker(Protocol):
@@ -46,8 +46,8 @@ Key = tuple[float, int]  # (when its queued work ends, or -inf while idle; index
 
 
 @dataclass
-class _Filed(Generic[W]):
-    worker: W
+class _Filed:  # not Generic[W]: compiled with mypyc (lego.native), a generic dataclass fails to load
+    worker: PooledWorker  # a W: `WorkerPools` casts it back
     key: Key
     pools: list[Pool]
 
@@ -64,7 +64,7 @@ class WorkerPools(Generic[W]):
         self.now = -math.inf
         # host → model (or ALL) → its workers' keys, sorted: the idle ones first (key -inf), by index
         self._lists: dict[str, dict[str, list[Key]]] = {}
-        self._filed: dict[int, _Filed[W]] = {}  # by worker index
+        self._filed: dict[int, _Filed] = {}  # by worker index
         self._wakes: list[tuple[float, int]] = []  # heap: when a queued worker turns idle
 
     def __len__(self) -> int:
@@ -73,7 +73,7 @@ class WorkerPools(Generic[W]):
     def advance(self, now: float) -> None:
         """Workers whose queued work has ended by `now` are idle from now on."""
         if now < self.now:  # time went back (a test's clock): file everyone anew
-            workers = [filed.worker for filed in self._filed.values()]
+            workers = [cast(W, filed.worker) for filed in self._filed.values()]
             self.now = now
             for worker in workers:
                 self.update(worker, True)
@@ -83,7 +83,7 @@ class WorkerPools(Generic[W]):
             busy_until, index = heapq.heappop(self._wakes)
             filed = self._filed.get(index)
             if filed is not None and filed.key == (busy_until, index):  # not refiled since
-                self.update(filed.worker, True)
+                self.update(cast(W, filed.worker), True)
 
     def update(self, worker: W, free: bool) -> None:
         """File the worker anew, or not at all while it cannot take a batch (`free` false)."""
@@ -137,5 +137,5 @@ class WorkerPools(Generic[W]):
                 for pick in picks:
                     if pick < len(keys):
                         index = keys[pick][1]
-                        chosen[index] = self._filed[index].worker
+                        chosen[index] = cast(W, self._filed[index].worker)
         return list(chosen.values())

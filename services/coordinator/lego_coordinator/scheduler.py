@@ -42,7 +42,7 @@ from lego import operators
 from lego.graph import CACHED_LATENTS, ApproxSite, Ref, RequestGraph, TaskNode, resume_from_cache
 from lego.values import Scalar
 
-from lego_coordinator.approx_cache import ApproxCache, Hit, candidate_skips
+from lego_coordinator.approx_cache import ApproxCache, Handle, Hit, candidate_skips
 from lego_coordinator.costs import CostModel, PendingWork
 from lego_coordinator.placement import WorkerPools
 from lego_coordinator.ready_queue import ReadyQueue
@@ -70,7 +70,7 @@ MISS_WEIGHT = 0.05  # of each admitted request's outcome in the moving average o
 class Tensor:
     """A produced tensor: the shell's handle (opaque here), its size and the host that holds it."""
 
-    handle: object
+    handle: Handle
     nbytes: int = 0
     host: str = ""
 
