@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint protos check-protos clean
+.PHONY: setup demo test lint native protos check-protos clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,7 @@ demo: setup
 
 test: setup
 	bash scripts/ensure-etcd
+	-bash scripts/build-native
 	-bash scripts/ensure-browser
 	-bash scripts/ensure-compose
 	$(VENV)/bin/python -m pytest -q
@@ -25,8 +26,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+native: setup
+	bash scripts/build-native
+
 protos: setup
 	bash scripts/gen-protos
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/native

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lego import native
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.traces import TraceRequest
 from lego_coordinator.scheduler import POLICIES
@@ -157,6 +158,7 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
             for policy in policies
         }
     figures["simulation_wall_s"] = round(time.perf_counter() - started, 2)
+    figures["compiled_core"] = native.requested()  # the scheduler compiled with mypyc (lego.native)
     figures["runs"] = runs
     return figures
 
