@@ -3,7 +3,14 @@
 `import lego` never imports torch or diffusers: a client needs neither.
 """
 
-from lego.workflow import (
+from pathlib import Path
+
+from lego import native
+
+if native.requested():  # lego.graph compiled with mypyc, with the coordinator's core (scripts/build-native)
+    native.prefer_native(__path__, __name__, Path(__file__).parent)
+
+from lego.workflow import (  # after the compiled modules' path is set
     VAE,
     ControlNet,
     Handle,

@@ -1,4 +1,5 @@
-"""The coordinator's pure core compiled with mypyc (scripts/build-native), used where LEGO_NATIVE=1.
+"""The coordinator's pure core and lego.graph compiled with mypyc (scripts/build-native), used where
+LEGO_NATIVE=1.
 
 The compiled modules are built from the same sources into build/native/, beside a manifest of those
 sources' hashes. `prefer_native` puts them ahead of the sources on the package's import path, and
@@ -15,6 +16,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 NATIVE_MODULES = (
+    "lego.graph",  # the request graphs the scheduler reads all the time
     "lego_coordinator.approx_cache",
     "lego_coordinator.costs",
     "lego_coordinator.placement",

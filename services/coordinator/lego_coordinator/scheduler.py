@@ -1051,7 +1051,8 @@ class Scheduler:
         for model, pending in sorted(self._pending_s.items(), key=lambda item: -item[1]):
             if idle == [] or pending <= 0:
                 return
-            replicas = len(self._holders[model] - self._draining)
+            holders = self._holders[model]  # of every worker, most: not a copy of them each round
+            replicas = len(holders) - len(self._draining & holders)
             if pending / max(1, replicas) < max(PRELOAD_BACKLOG_S, self.costs.load_s(model)):
                 continue
             if self._users(model) <= replicas:  # one request's steps run one after another
