@@ -57,18 +57,21 @@ def write_manifest(build_dir: str | Path) -> None:
     (Path(build_dir) / MANIFEST).write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
 
 
-def prefer_native(package_path: list[str], package: str, sources: Path, build_dir: Path = BUILD_DIR) -> None:
-    """Import `package`'s compiled modules from `build_dir` instead of their sources in `sources`."""
+def check_build(package: str, sources: Path, build_dir: Path = BUILD_DIR) -> None:
+    """Raise StaleNativeBuild unless `build_dir` holds `package`'s modules built from `sources`."""
     manifest = build_dir / MANIFEST
     if not manifest.is_file():
-        raise StaleNativeBuild(f"LEGO_NATIVE=1 but {build_dir} holds no build: run scripts/build-native")
+        raise StaleNativeBuild(f"{build_dir} holds no build: run scripts/build-native")
     built = json.loads(manifest.read_text())
     for module, digest in built.items():
         name = module.rpartition(".")[2]
         if module.startswith(package + ".") and _digest(sources / f"{name}.py") != digest:
-            raise StaleNativeBuild(
-                f"LEGO_NATIVE=1 but {module} changed since {build_dir} was built: run scripts/build-native"
-            )
+            raise StaleNativeBuild(f"{module} changed since {build_dir} was built: run scripts/build-native")
+
+
+def prefer_native(package_path: list[str], package: str, sources: Path, build_dir: Path = BUILD_DIR) -> None:
+    """Import `package`'s compiled modules from `build_dir` instead of their sources in `sources`."""
+    check_build(package, sources, build_dir)
     package_path.insert(0, str(build_dir / package))
     if str(build_dir) not in sys.path:
         sys.path.append(str(build_dir))  # mypyc's runtime library, shared by the compiled modules

@@ -154,6 +154,16 @@ def test_the_bench_replays_on_a_running_process_cluster_under_its_policy(
             assert figures["requests"] == 6 and figures["completed"] >= 4, figures
             assert figures["prefetched"] == 2 * 6
             assert figures["gpu_seconds"] > 0 and figures["embedding_cache"] is None  # from the workers
+            # requests with LoRAs: their workflows registered on the running cluster and replayed there
+            # (the workers fetch each LoRA in seconds, more than the SLO: some requests miss it)
+            assert main([*argv, *connect, "--loras", "zipf:distinct=2,s=0", "--json", str(out)]) == 0
+            patched = json.loads(out.read_text())
+            assert patched["requests"] == 6 and patched["completed"] >= 1, patched["failures"]
+            assert set(patched["failures"]) <= {"deadline", "rejected"}, patched["first_failure_messages"]
+            assert (
+                patched["lora"]["mix"] == "zipf:distinct=2,s=0" and patched["lora"]["requests_unpatched"] == 0
+            )
+            assert patched["lora"]["fetch_median_s"] is None and "fetches" not in patched["lora"]
             with pytest.raises(SystemExit, match="runs 'lego'"):
                 main([*argv, *connect, "--policy", "static"])
             with pytest.raises(SystemExit, match="--opt embed-cache needs clusters"):

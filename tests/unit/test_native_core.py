@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,19 @@ def _simulate(compiled: bool) -> tuple[dict[str, Any], str]:
     return json.loads(text), scheduler_file
 
 
-@pytest.mark.skipif(
-    not (native.BUILD_DIR / native.MANIFEST).is_file(), reason="no native build (make native)"
-)
+def _stale_build() -> str:
+    """Why the build cannot be used (sources edited since it was made, or none made), or ""."""
+    try:
+        for package in ("lego", "lego_coordinator"):
+            spec = find_spec(package)
+            assert spec is not None and spec.origin is not None
+            native.check_build(package, Path(spec.origin).parent)
+    except native.StaleNativeBuild as error:
+        return str(error)
+    return ""
+
+
+@pytest.mark.skipif(bool(_stale_build()), reason=f"no fresh native build (make native): {_stale_build()}")
 def test_the_compiled_core_simulates_exactly_as_its_sources() -> None:
     pure, pure_file = _simulate(compiled=False)
     compiled, compiled_file = _simulate(compiled=True)
