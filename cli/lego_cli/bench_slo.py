@@ -398,9 +398,8 @@ def _lora_figures(args: argparse.Namespace, opts: tuple[str, ...], unpatched: li
     return {
         "mix": args.loras,
         "async_steps": args.lora_async_steps if "async-lora" in opts else 0,
-        "fetch_median_s": None
-        if args.connect
-        else args.lora_fetch_s,  # a running cluster's: its workers' flag
+        # with --connect the workers were started with their own --lora-fetch-s, unknown here
+        "fetch_median_s": None if args.connect else args.lora_fetch_s,
         "requests_unpatched": sum(1 for calls in unpatched if calls),
         "unpatched_calls_per_request": round(sum(unpatched) / len(unpatched), 3) if unpatched else None,
     }
