@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import sys
-from importlib.util import find_spec
+from importlib.util import find_spec, module_from_spec, spec_from_file_location
 from pathlib import Path
 
 NATIVE_MODULES = (
@@ -71,7 +71,24 @@ def check_build(package: str, sources: Path, build_dir: Path = BUILD_DIR) -> Non
 
 def prefer_native(package_path: list[str], package: str, sources: Path, build_dir: Path = BUILD_DIR) -> None:
     """Import `package`'s compiled modules from `build_dir` instead of their sources in `sources`."""
-    check_build(package, sources, build_dir)
+    try:
+        check_build(package, sources, build_dir)
+    except StaleNativeBuild as error:
+        raise StaleNativeBuild(f"LEGO_NATIVE=1, but {error}") from None
+    _load_runtime(build_dir)
     package_path.insert(0, str(build_dir / package))
-    if str(build_dir) not in sys.path:
-        sys.path.append(str(build_dir))  # mypyc's runtime library, shared by the compiled modules
+
+
+def _load_runtime(build_dir: Path) -> None:
+    """The compiled modules' shared library (a top-level module, `<hash>__mypyc`), loaded from its
+    file: putting `build_dir` on sys.path instead would make its package folders namespace
+    packages that shadow the real ones (whose __init__ then never checks the build)."""
+    for library in build_dir.glob("*__mypyc.*"):
+        name = library.name.partition(".")[0]
+        if name in sys.modules:
+            continue
+        spec = spec_from_file_location(name, library)
+        if spec is None or spec.loader is None:
+            raise StaleNativeBuild(f"{library} cannot be loaded: run scripts/build-native")
+        sys.modules[name] = module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])

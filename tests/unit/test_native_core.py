@@ -29,18 +29,19 @@ SIMULATION = [
 
 
 def _simulate(compiled: bool) -> tuple[dict[str, Any], str]:
-    """The simulation's figures, and the file its scheduler was imported from."""
+    """The simulation's figures, and the files its scheduler and its package were imported from."""
     script = (
         "import sys; from lego_cli.main import main; main(sys.argv[1:]); "
-        "import lego_coordinator.scheduler as s; print(s.__file__)"
+        "import lego_coordinator as package, lego_coordinator.scheduler as s; "
+        "print(s.__file__, package.__file__)"
     )
     env = {**os.environ, "LEGO_NATIVE": "1" if compiled else "0"}
     run = subprocess.run(
         [sys.executable, "-c", script, *SIMULATION], capture_output=True, text=True, env=env, timeout=300
     )
     assert run.returncode == 0, run.stderr
-    text, _, scheduler_file = run.stdout.rstrip().rpartition("\n")
-    return json.loads(text), scheduler_file
+    text, _, files = run.stdout.rstrip().rpartition("\n")
+    return json.loads(text), files
 
 
 def _stale_build() -> str:
@@ -57,19 +58,19 @@ def _stale_build() -> str:
 
 @pytest.mark.skipif(bool(_stale_build()), reason=f"no fresh native build (make native): {_stale_build()}")
 def test_the_compiled_core_simulates_exactly_as_its_sources() -> None:
-    pure, pure_file = _simulate(compiled=False)
-    compiled, compiled_file = _simulate(compiled=True)
-    assert pure_file.endswith(".py") and compiled_file.endswith(".so")
+    pure, pure_files = _simulate(compiled=False)
+    compiled, compiled_files = _simulate(compiled=True)
+    package = str(Path("services/coordinator/lego_coordinator/__init__.py"))
+    assert pure_files.endswith(package) and pure_files.split()[0].endswith("scheduler.py")
+    # the compiled scheduler, in the real package (whose __init__ checked the build is fresh)
+    assert compiled_files.endswith(package) and compiled_files.split()[0].endswith(".so")
     assert (pure.pop("compiled_core"), compiled.pop("compiled_core")) == (False, True)
     pure.pop("simulation_wall_s")
     compiled.pop("simulation_wall_s")
     assert compiled == pure
 
 
-def test_a_missing_or_stale_build_is_refused_and_a_fresh_one_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sys, "path", list(sys.path))
+def test_a_missing_or_stale_build_is_refused_and_a_fresh_one_used(tmp_path: Path) -> None:
     sources, build = tmp_path / "src", tmp_path / "build"
     sources.mkdir()
     build.mkdir()
@@ -83,4 +84,4 @@ def test_a_missing_or_stale_build_is_refused_and_a_fresh_one_used(
     package_path = [str(sources)]
     native.prefer_native(package_path, "pkg", sources, build)
     assert package_path == [str(build / "pkg"), str(sources)]
-    assert sys.path[-1] == str(build)
+    assert str(build) not in sys.path  # its folders would shadow the real packages

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lego import native
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.traces import parse_synthetic
 from lego_cli.workloads import assign_tenants, warmup_of, workload
@@ -196,6 +197,7 @@ def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[f
     return dispatched
 
 
+@pytest.mark.skipif(native.requested(), reason="replaces the scheduler's methods: compiled classes forbid it")
 def test_the_shortcuts_dispatch_exactly_as_pricing_every_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     used: Counter[str] = Counter()
     waits = core.Scheduler._waits_for_holders
