@@ -1051,7 +1051,7 @@ class Scheduler:
         for model, pending in sorted(self._pending_s.items(), key=lambda item: -item[1]):
             if idle == [] or pending <= 0:
                 return
-            holders = self._holders[model]  # of every worker, most: not a copy of them each round
+            holders = self._holders[model]  # up to every worker: count the draining, not copy the rest
             replicas = len(holders) - len(self._draining & holders)
             if pending / max(1, replicas) < max(PRELOAD_BACKLOG_S, self.costs.load_s(model)):
                 continue
