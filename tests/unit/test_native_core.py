@@ -56,7 +56,10 @@ def _stale_build() -> str:
     return ""
 
 
-@pytest.mark.skipif(bool(_stale_build()), reason=f"no fresh native build (make native): {_stale_build()}")
+UNUSABLE_BUILD = _stale_build()
+
+
+@pytest.mark.skipif(bool(UNUSABLE_BUILD), reason=f"no fresh native build (make native): {UNUSABLE_BUILD}")
 def test_the_compiled_core_simulates_exactly_as_its_sources() -> None:
     pure, pure_files = _simulate(compiled=False)
     compiled, compiled_files = _simulate(compiled=True)
