@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+BATCH_TOLERANCE = 0.1  # what a derived batch size may give up: of throughput, or of a call's latency
+
 # Our (op, mode) → the profile's execution mode name.
 PROFILE_MODES = {
     ("text_encoder", "encode"): "default",
@@ -141,19 +143,42 @@ class ModelProfile:
         """What a call needs beyond the resident weights (its peak activations)."""
         return self.peak_bytes() - self.memory_bytes
 
-    def execution_s(self, mode: str, batch_size: int, pixels: int = 0) -> float:
-        """Seconds for one call: the profiled resolution closest to `pixels`, the batch size rounded
-        up to the next profiled one (beyond the largest: whole multiples of it)."""
+    def _curve(self, mode: str, pixels: int) -> list[ExecutionPoint]:
+        """The mode's measurements at the profiled resolution closest to `pixels`, by batch size."""
         points = self.modes.get(mode)
         if not points:
             raise KeyError(f"profile {self.name} has no mode {mode!r} (modes: {sorted(self.modes)})")
         resolution = min({p.pixels for p in points}, key=lambda px: abs(px - pixels))
-        by_batch = sorted((p for p in points if p.pixels == resolution), key=lambda p: p.batch_size)
+        return sorted((p for p in points if p.pixels == resolution), key=lambda p: p.batch_size)
+
+    def execution_s(self, mode: str, batch_size: int, pixels: int = 0) -> float:
+        """Seconds for one call: the profiled resolution closest to `pixels`, the batch size rounded
+        up to the next profiled one (beyond the largest: whole multiples of it)."""
+        by_batch = self._curve(mode, pixels)
         for point in by_batch:
             if point.batch_size >= batch_size:
                 return point.seconds
         largest = by_batch[-1]
         return largest.seconds * math.ceil(batch_size / largest.batch_size)
+
+    def batch_limits(self, mode: str, pixels: int = 0) -> tuple[int, int]:
+        """(latency-mode, throughput-mode) batch sizes read off the measured curve, for models
+        model_batch.json does not list: the throughput mode is the smallest batch within
+        BATCH_TOLERANCE of the best time per item; the latency mode the largest batch up to it whose
+        call takes within BATCH_TOLERANCE of a single item's. A model that gains nothing from
+        batching (a FLUX.1 transformer: 0.224 s alone, 0.210 s per item in eights) gets (1, 1)."""
+        by_batch = self._curve(mode, pixels)
+        best = min(p.seconds / p.batch_size for p in by_batch)
+        throughput = next(
+            p.batch_size for p in by_batch if p.seconds / p.batch_size <= (1 + BATCH_TOLERANCE) * best
+        )
+        single = by_batch[0].seconds
+        latency = max(
+            p.batch_size
+            for p in by_batch
+            if p.batch_size <= throughput and p.seconds <= (1 + BATCH_TOLERANCE) * single
+        )
+        return latency, throughput
 
 
 def parse_profile(data: dict[str, object]) -> ModelProfile:

@@ -45,3 +45,16 @@ def test_a_stack_of_text_encoders_costs_the_sum_of_its_members() -> None:
         assert stack.execution_s("default", batch) == pytest.approx(
             sum(m.execution_s("default", batch) for m in members)
         )
+
+
+def test_batch_sizes_are_read_off_the_curve_where_the_table_has_none() -> None:
+    # FLUX.1 transformers gain ~6 % per item from batching, not worth a batch's latency.
+    assert PROFILES.get("Flux1Schnell").batch_limits("default", 1024 * 1024) == (1, 1)
+    assert PROFILES.get("Flux1Dev").batch_limits("default", 1024 * 1024) == (1, 1)  # as model_batch.json
+    # A pair of FLUX.1 decodes costs what one does: batch two, and no more (four take twice as long).
+    assert PROFILES.get("Flux1VAE").batch_limits("decode_latents", 1024 * 1024) == (2, 2)
+    # SD3.5-Large decodes gain 26 % per item in fours, but two take 1.7 times one.
+    assert PROFILES.get("StableDiffusion35LargeVAE").batch_limits("decode_latents", 1024 * 1024) == (1, 4)
+    assert PROFILES.get("T5_Flux").batch_limits("default") == (1, 2)  # as model_batch.json
+    with pytest.raises(KeyError, match="has no mode 'encode'"):
+        PROFILES.get("Flux1VAE").batch_limits("encode")

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 
 import pytest
-from lego.builtin_workflows import sd15_txt2img
+from lego.builtin_workflows import flux_txt2img, sd15_txt2img
 from lego.graph import instantiate
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.request_inputs import resolve_inputs
@@ -131,6 +131,17 @@ def test_throughput_mode_batches_grow_when_ready_work_outnumbers_workers() -> No
     # 24 ready text encodes, one worker: CLIP_SD15 throughput mode (32) instead of latency mode (16)
     first = scheduler.schedule(0.0).dispatches[0]
     assert len(first.tasks) == 24
+
+
+def test_a_model_that_gains_nothing_from_batching_is_never_batched() -> None:
+    # FLUX.1-schnell's transformer is not in model_batch.json: its sizes come from its profile,
+    # (1, 1), not a default that made eight requests' steps wait on one call eight times as long.
+    spec = flux_txt2img("flux", "black-forest-labs/FLUX.1-schnell")
+    scheduler = make(workers=1)
+    for index in range(12):
+        scheduler.admit(f"r{index}", "flux", instantiate(spec, resolve_inputs(spec, {"prompt": "p"})), 0.0)
+    denoiser_batches = [len(d.tasks) for d in drain(scheduler)[1] if d.tasks[0].node.op == "transformer"]
+    assert denoiser_batches and set(denoiser_batches) == {1}
 
 
 def test_earlier_requests_go_first() -> None:

@@ -46,7 +46,7 @@ class CostModel:
     time_scale: float = 1.0  # emulated workers K times faster than the profiled GPUs: priors / K
     # The profiles never change: their answers are memoised (the simulator asks millions of times).
     _profiled: dict[tuple[str, str, str, int, int], float | None] = field(default_factory=dict, repr=False)
-    _limits: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _limits: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict, repr=False)
     _reports: dict[tuple[str, str, str, int], deque[float]] = field(default_factory=dict, repr=False)
     _lora_fetches: deque[float] = field(default_factory=lambda: deque(maxlen=LEARNING_WINDOW), repr=False)
     _loads: dict[str, float] = field(default_factory=dict, repr=False)
@@ -115,15 +115,27 @@ class CostModel:
         return UNKNOWN_LOAD_S
 
     def batch_limits(self, node: TaskNode) -> tuple[int, int]:
-        """(latency-mode, throughput-mode) batch size for this node's model."""
-        if node.model not in self._limits:
-            name = self._profile_name(node.model) or ""
-            if name in self.batch_sizes or "+" not in name:
-                self._limits[node.model] = self.batch_sizes.get(name, DEFAULT_BATCH)
-            else:  # a stack: the smallest of its members'
-                limits = [self.batch_sizes.get(part, DEFAULT_BATCH) for part in name.split("+")]
-                self._limits[node.model] = (min(lat for lat, _ in limits), min(thr for _, thr in limits))
-        return self._limits[node.model]
+        """(latency-mode, throughput-mode) batch size for this node: model_batch.json's for its
+        model (a stack: the smallest of its members'), else read off the model's profile for the
+        node's mode, else DEFAULT_BATCH (a model nothing is known of)."""
+        key = (node.model, node.op, node.mode)
+        if key not in self._limits:
+            self._limits[key] = self._batch_limits(node)
+        return self._limits[key]
+
+    def _batch_limits(self, node: TaskNode) -> tuple[int, int]:
+        name = self._profile_name(node.model) or ""
+        if name in self.batch_sizes:
+            return self.batch_sizes[name]
+        parts = name.split("+")
+        if len(parts) > 1 and all(part in self.batch_sizes for part in parts):
+            limits = [self.batch_sizes[part] for part in parts]
+            return min(lat for lat, _ in limits), min(thr for _, thr in limits)
+        mode = PROFILE_MODES.get((node.op, node.mode))
+        if self.profiles is not None and name and mode is not None:
+            with contextlib.suppress(KeyError):
+                return self.profiles.get(name).batch_limits(mode, _pixels(node))
+        return DEFAULT_BATCH
 
     @staticmethod
     def transfer_s(nbytes: int, same_host: bool) -> float:
