@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-BATCH_TOLERANCE = 0.1  # what a derived batch size may give up: of throughput, or of a call's latency
+# Batch sizes read off a profile (model_batch.json's `latency_mode` / `throughput_mode`):
+LATENCY_SLOWDOWN = 1.3  # latency mode: the largest batch whose call takes at most this x batch 1's
+THROUGHPUT_TOLERANCE = 0.1  # throughput mode: the smallest batch this close to the best items/s
 
 # Our (op, mode) → the profile's execution mode name.
 PROFILE_MODES = {
@@ -162,21 +164,21 @@ class ModelProfile:
         return largest.seconds * math.ceil(batch_size / largest.batch_size)
 
     def batch_limits(self, mode: str, pixels: int = 0) -> tuple[int, int]:
-        """(latency-mode, throughput-mode) batch sizes read off the measured curve, for models
-        model_batch.json does not list: the throughput mode is the smallest batch within
-        BATCH_TOLERANCE of the best time per item; the latency mode the largest batch up to it whose
-        call takes within BATCH_TOLERANCE of a single item's. A model that gains nothing from
-        batching (a FLUX.1 transformer: 0.224 s alone, 0.210 s per item in eights) gets (1, 1)."""
+        """(latency-mode, throughput-mode) batch sizes read off the measured curve (what `lego
+        profile` writes to model_batch.json, and what the scheduler uses for a model that table
+        does not list). A model that gains little from batching gets (1, 1): a FLUX.1 transformer
+        takes 0.224 s alone and 0.210 s per item in eights, and batching it multiplied the latency
+        of every request in the batch for 6 % more throughput."""
         by_batch = self._curve(mode, pixels)
         best = min(p.seconds / p.batch_size for p in by_batch)
         throughput = next(
-            p.batch_size for p in by_batch if p.seconds / p.batch_size <= (1 + BATCH_TOLERANCE) * best
+            p.batch_size for p in by_batch if p.seconds / p.batch_size <= (1 + THROUGHPUT_TOLERANCE) * best
         )
         single = by_batch[0].seconds
         latency = max(
             p.batch_size
             for p in by_batch
-            if p.batch_size <= throughput and p.seconds <= (1 + BATCH_TOLERANCE) * single
+            if p.batch_size <= throughput and p.seconds <= LATENCY_SLOWDOWN * single
         )
         return latency, throughput
 

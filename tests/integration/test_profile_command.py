@@ -129,8 +129,13 @@ def test_a_text_encoder_stack_splits_into_members_that_sum_back() -> None:
 def test_batch_modes_rule() -> None:
     times = {1: 1.0, 2: 1.2, 4: 2.0, 8: 4.1}  # batch 2 is ~free; batch 8 gives no more items/s than 4
     results = [{"batch_size": b, "height": 64, "width": 64, "execution_time": s} for b, s in times.items()]
-    assert batch_modes({"execution": [{"mode": "default", "results": results}]}) == (2, 4)
-    assert batch_modes({"execution": [{"mode": "decode_latents", "results": results}]}) is None
+    loading = {"disk_to_host_mem_time": 1.0, "host_mem_to_gpu_time": 0.5, "gpu_memory_required": 10**9}
+
+    def profile(mode: str) -> dict[str, object]:
+        return {"model_name": "M", "loading": loading, "execution": [{"mode": mode, "results": results}]}
+
+    assert batch_modes(profile("default")) == (2, 4)
+    assert batch_modes(profile("decode_latents")) is None
 
 
 @pytest.mark.parametrize(

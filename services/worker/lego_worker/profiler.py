@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
-from lego.profiles import FAMILY_PROFILES, PROFILE_MODES, SOURCE_FAMILIES, profile_name
+from lego.profiles import FAMILY_PROFILES, PROFILE_MODES, SOURCE_FAMILIES, parse_profile, profile_name
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -437,30 +437,15 @@ def split_stack(measured: Measured) -> dict[str, dict[str, Any]]:
     return parts
 
 
-LATENCY_SLOWDOWN = 1.3  # latency mode: the largest batch whose call takes at most this x batch 1's
-THROUGHPUT_GAIN = 1.05  # throughput mode: a larger batch must raise items/s by this much to count
-
-
 def batch_modes(profile: dict[str, Any]) -> tuple[int, int] | None:
     """(latency_mode, throughput_mode) batch sizes for model_batch.json from a profile's `default`
-    mode at its largest resolution; None when it has no `default` mode (VAEs, schedulers)."""
-    default = next((e for e in profile["execution"] if e["mode"] == "default"), None)
-    if default is None:
+    mode at its largest resolution (`ModelProfile.batch_limits`); None when it has no `default`
+    mode (VAEs, schedulers)."""
+    parsed = parse_profile(profile)
+    points = parsed.modes.get("default")
+    if not points:
         return None
-    largest = max(r.get("height", 0) * r.get("width", 0) for r in default["results"])
-    points = sorted(
-        (r["batch_size"], r["execution_time"])
-        for r in default["results"]
-        if r.get("height", 0) * r.get("width", 0) == largest
-    )
-    first_time = points[0][1]
-    latency = max(b for b, s in points if s <= LATENCY_SLOWDOWN * first_time)
-    throughput, best = points[0][0], points[0][0] / max(points[0][1], 1e-12)
-    for b, s in points[1:]:
-        rate = b / max(s, 1e-12)
-        if rate >= THROUGHPUT_GAIN * best:
-            throughput, best = b, rate
-    return latency, throughput
+    return parsed.batch_limits("default", max(p.pixels for p in points))
 
 
 def parse_device(text: str) -> torch.device:
