@@ -7,10 +7,10 @@ from collections import defaultdict
 
 import pytest
 from lego.builtin_workflows import flux_txt2img, sd15_txt2img
-from lego.graph import instantiate
+from lego.graph import TaskNode, instantiate
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.request_inputs import resolve_inputs
-from lego_coordinator.costs import CostModel
+from lego_coordinator.costs import DEFAULT_BATCH, CostModel
 from lego_coordinator.scheduler import (
     BatchTask,
     Decisions,
@@ -142,6 +142,25 @@ def test_a_model_that_gains_nothing_from_batching_is_never_batched() -> None:
         scheduler.admit(f"r{index}", "flux", instantiate(spec, resolve_inputs(spec, {"prompt": "p"})), 0.0)
     denoiser_batches = [len(d.tasks) for d in drain(scheduler)[1] if d.tasks[0].node.op == "transformer"]
     assert denoiser_batches and set(denoiser_batches) == {1}
+
+
+def test_batch_sizes_come_from_the_table_then_the_profile_curve_then_a_default() -> None:
+    def node(model: str, op: str = "transformer", mode: str = "denoise_flux") -> TaskNode:
+        return TaskNode("n", op, model, mode, {}, ("out",))
+
+    model = costs()
+    table = load_batch_sizes(default_profile_dir())
+    dev = table["Flux1Dev"]
+    assert model.batch_limits(node("black-forest-labs/FLUX.1-dev:transformer")) == dev
+    # a stack whose members are all listed: the smallest of their sizes
+    stack = node("black-forest-labs/FLUX.1-dev:text_encoders", "text_encoder", "encode_pooled")
+    clip, t5 = table["CLIP_Flux"], table["T5_Flux"]
+    assert model.batch_limits(stack) == (min(clip[0], t5[0]), min(clip[1], t5[1]))
+    # not listed: read off its profile, per mode
+    assert model.batch_limits(node("black-forest-labs/FLUX.1-schnell:transformer")) == (1, 1)
+    vae = "black-forest-labs/FLUX.1-schnell:vae"
+    assert model.batch_limits(node(vae, "vae", "decode_packed")) == (2, 2)
+    assert model.batch_limits(node("profile:NoSuchModel", "unet", "denoise")) == DEFAULT_BATCH
 
 
 def test_earlier_requests_go_first() -> None:
