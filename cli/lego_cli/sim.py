@@ -66,6 +66,12 @@ def add_workload_flags(parser: argparse.ArgumentParser) -> None:
 def configure(parser: argparse.ArgumentParser) -> None:
     add_workload_flags(parser)
     parser.add_argument("--gpus", default="8", help="cluster size, or several: 4,8,16")
+    parser.add_argument(
+        "--overhead-ms",
+        type=float,
+        default=0.0,
+        help="control-plane time per batch beside its execution, as a live cluster adds (default 0)",
+    )
 
 
 def policies_of(text: str) -> list[str]:
@@ -109,12 +115,15 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: --gpus must be integers, got {args.gpus!r}") from None
     if not gpu_counts or gpu_counts[0] < 1:
         raise SystemExit(f"error: --gpus must be ≥ 1, got {args.gpus!r}")
+    if not 0 <= args.overhead_ms < 10_000:
+        raise SystemExit(f"error: --overhead-ms must be between 0 and 10000, got {args.overhead_ms}")
+    overhead_s = args.overhead_ms / 1000
     chosen, runs_of_trace = load_workload(args)
     directory = args.profile or default_profile_dir()
     if not any(directory.glob("*.json")):
         raise SystemExit(f"error: --profile {directory} holds no profiles (*.json)")
     profiles, batch_sizes = ProfileSet(directory), load_batch_sizes(directory)
-    standalone = standalone_latencies(chosen.workflows, chosen.inputs, profiles)
+    standalone = standalone_latencies(chosen.workflows, chosen.inputs, profiles, overhead_s)
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
     for policy in policies:
@@ -125,7 +134,15 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
                     [(a.time_s, a.workflow) for a in arrivals], sorted(chosen.workflows), args.warmup
                 )
                 warmup = [Arrival(at, tenant, chosen.inputs[tenant]) for at, tenant in plan]
-                simulator = Simulator(chosen.workflows, gpus, profiles, policy, batch_sizes, args.slo_factor)
+                simulator = Simulator(
+                    chosen.workflows,
+                    gpus,
+                    profiles,
+                    policy,
+                    batch_sizes,
+                    args.slo_factor,
+                    overhead_s=overhead_s,
+                )
                 summary = simulator.run(arrivals, warmup).summary()
                 duration = max(requests[-1].time_s, 1e-9) if requests else 1.0
                 offered = offered_gpu_seconds(arrivals, standalone) / duration  # GPUs' worth of work
@@ -138,6 +155,7 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
         "family": args.family,
         "skew": args.skew,
         "gpus": gpu_counts[0] if len(gpu_counts) == 1 else gpu_counts,
+        "overhead_ms": args.overhead_ms,
         "standalone_s": {name: round(s, 4) for name, s in standalone.items()},
         "capacity_rs": round(capacity_rs, 3) if capacity_rs else None,
         "max_rs_at_90": {

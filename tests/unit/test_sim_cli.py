@@ -4,6 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
 from lego_cli import sim
 
 TRACE = (
@@ -47,3 +48,17 @@ def test_flux_schnell_family_runs_in_the_simulator() -> None:
     assert figures["family"] == "flux-schnell"
     assert figures["runs"][0]["requests"] == 44 and figures["runs"][0]["slo_attainment"] == 1.0
     assert figures["standalone_s"]["B"] > figures["standalone_s"]["A"]  # a ControlNet call per step
+
+
+def test_a_control_plane_overhead_is_simulated_and_a_bad_one_is_named() -> None:
+    parser = argparse.ArgumentParser()
+    sim.configure(parser)
+    flags = ["--trace", str(TRACE), "--family", "flux-schnell", "--policy", "lego", "--gpus", "8"]
+    bare = sim.run_simulation(parser.parse_args(flags))
+    loaded = sim.run_simulation(parser.parse_args([*flags, "--overhead-ms", "20"]))
+    assert loaded["overhead_ms"] == 20.0
+    for tenant, seconds in bare["standalone_s"].items():  # a FLUX.1-schnell request is ~12 batches
+        assert seconds + 0.2 < loaded["standalone_s"][tenant] < seconds + 0.4
+    assert loaded["runs"][0]["p50_s"] > bare["runs"][0]["p50_s"] + 0.2
+    with pytest.raises(SystemExit, match="--overhead-ms must be between 0 and 10000, got -1"):
+        sim.run_simulation(parser.parse_args([*flags, "--overhead-ms", "-1"]))

@@ -63,3 +63,17 @@ def test_a_cold_worker_pays_the_profiled_load_times() -> None:
 def test_the_simulation_is_deterministic() -> None:
     arrivals = steady(rate=3, seconds=10)
     assert simulate("lego", 2, arrivals) == simulate("lego", 2, arrivals)
+
+
+def test_a_control_plane_overhead_lengthens_every_batch_and_the_slo_with_it() -> None:
+    profiles = ProfileSet(DIRECTORY)
+    inputs = {"A": INPUTS, "B": INPUTS}
+    bare = standalone_latencies(WORKFLOWS, inputs, profiles)["A"]
+    standalone = standalone_latencies(WORKFLOWS, inputs, profiles, overhead_s=0.005)["A"]
+    batches = round((standalone - bare) / 0.005)
+    assert batches >= 20  # a text encode, 20 steps, a decode: each its own round trip
+    simulator = Simulator(WORKFLOWS, 1, profiles, "lego", load_batch_sizes(DIRECTORY), overhead_s=0.005)
+    warmup = [Arrival(0.0, "A", INPUTS)]
+    summary = simulator.run([Arrival(0.0, "A", INPUTS)], warmup).summary()
+    assert summary["slo_attainment"] == 1.0
+    assert abs(summary["p99_s"] - standalone) <= 0.01 * standalone

@@ -1,12 +1,14 @@
 """A discrete-event simulator that drives the same Scheduler as the coordinator, in simulated time.
 
 Workers are modelled from the measured profiles, as the emulated backend models them: a batch takes
-the profiled execution time; a model that is not resident first costs its load time (disk → host the
-first time on a worker, then host → device) and evicts least-recently-used idle models under the
-device memory budget. A worker runs its batches one after another, each starting once the inputs it
-was sent before they were made (deferred or chained) have been; a side-lane batch (a noise-scheduler
-node) runs as soon as its inputs are there, beside the worker's queue. The scheduler's decisions are
-taken exactly as in the live coordinator; only the clock and the workers are simulated. Pure: no
+the profiled execution time (plus `overhead_s`, a live control plane's turnaround per batch:
+dispatch, input fetch, output publish, report; 0 by default); a model that is not resident first
+costs its load time (disk → host the first time on a worker, then host → device) and evicts
+least-recently-used idle models under the device memory budget. A worker runs its batches one
+after another, each starting once the inputs it was sent before they were made (deferred or
+chained) have been; a side-lane batch (a noise-scheduler node) runs as soon as its inputs are
+there, beside the worker's queue. The scheduler's decisions are taken exactly as in the live
+coordinator; only the clock and the workers are simulated. Pure: no
 I/O, no wall clock.
 
 Workers start with an empty device and every model prefetched into host memory. A warm-up
@@ -136,6 +138,7 @@ class Simulator:
     ) -> None:
         self.workflows = workflows
         self.profiles = profiles
+        self.overhead_s = overhead_s  # per batch: the control plane's turnaround beside its execution
         self.truth = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
         costs = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
         self.scheduler = core.Scheduler(costs, policy, enforce_slo=True, slo_factor=slo_factor)
@@ -200,7 +203,7 @@ class Simulator:
             start = max(start, worker.free_at)
         load = self._load_s(worker, dispatch.model)
         execution = self.truth.exec_s(dispatch.tasks[0].node, len(dispatch.tasks))
-        end = start + load + execution
+        end = start + load + execution + self.overhead_s
         if not dispatch.side_lane:
             worker.free_at = end
         worker.busy_s += load + execution
