@@ -8,8 +8,7 @@ least-recently-used idle models under the device memory budget. A worker runs it
 after another, each starting once the inputs it was sent before they were made (deferred or
 chained) have been; a side-lane batch (a noise-scheduler node) runs as soon as its inputs are
 there, beside the worker's queue. The scheduler's decisions are taken exactly as in the live
-coordinator; only the clock and the workers are simulated. Pure: no
-I/O, no wall clock.
+coordinator; only the clock and the workers are simulated. Pure: no I/O, no wall clock.
 
 Workers start with an empty device and every model prefetched into host memory. A warm-up
 (`run(arrivals, warmup=...)`, e.g. the first seconds of the same trace) runs first, as on a live
