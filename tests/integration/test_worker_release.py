@@ -108,3 +108,25 @@ async def test_a_task_whose_request_is_released_while_it_waits_is_left_out(agent
     agent._release("B")  # now every request of a batch is released: it is answered so at once
     await agent._answer(stream, decode_batch(["A", "B"]))
     assert stream.results["decode"].error == RELEASED and not stream.results["decode"].results
+
+
+async def test_a_task_released_while_an_input_is_made_here_does_not_wait_for_the_freed_ones(
+    agent: WorkerAgent,
+) -> None:
+    # The decode reads A's init output (made here, chained) and a tensor the release freed (here:
+    # never put). A is released after its init has run but before the decode has resumed: it used
+    # to fetch the freed tensor then, and hold the worker's queue for the data engine's 60 s wait.
+    stream = Stream()
+    init, decode = init_batch("A"), decode_batch(["A"])
+    freed = common_pb2.TensorHandle(tensor_id="A/text_encoder/embeddings", dtype="float32", nbytes=4)
+    freed.shape.append(1)
+    decode.tasks[0].inputs["embeddings"].tensor.CopyFrom(freed)
+    for batch in (init, decode):
+        agent._expect_outputs(batch)
+    waiting = asyncio.create_task(agent._answer(stream, decode))  # waits for A's init output
+    await asyncio.sleep(0.05)
+    await agent._answer(stream, init)  # publishes A's latents: the decode may resume ...
+    agent._release("A")  # ... but A is released first
+    await asyncio.wait_for(waiting, timeout=10)
+    assert stream.results["init-A"].error == ""
+    assert RELEASED in stream.results["decode"].error and not stream.results["decode"].results

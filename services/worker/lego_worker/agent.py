@@ -372,6 +372,8 @@ class WorkerAgent:
             else:
                 waiting[name] = handle
         if waiting:
+            if requests <= self._released.keys():  # released while it waited for an input made here:
+                raise RequestReleased(RELEASED)  # what it would fetch was freed with it
             fetch = asyncio.gather(*(self.data.get(handle) for handle in waiting.values()))
             self._input_waits[fetch] = requests
             try:
