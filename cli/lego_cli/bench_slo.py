@@ -317,6 +317,7 @@ def _target(
             slo_factor=args.slo_factor,
             time_scale=args.time_scale,
             profile_dir=args.profile,
+            ready_depth=args.ready_depth,
         ),
     )
     return bench_target.embedded(cluster)

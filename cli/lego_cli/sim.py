@@ -22,6 +22,7 @@ from typing import Any
 from lego import native
 from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.traces import TraceRequest
+from lego_coordinator.__main__ import add_ready_depth_flag
 from lego_coordinator.scheduler import POLICIES
 from lego_coordinator.simulator import Arrival, Simulator, offered_gpu_seconds, standalone_latencies
 
@@ -56,6 +57,7 @@ def add_workload_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds of each run's arrivals replayed first (then one request of each workflow not in them)",
     )
     parser.add_argument("--slo-factor", type=float, default=2.0)
+    add_ready_depth_flag(parser)
     parser.add_argument(
         "--profile", type=Path, default=None, help="profiles (default profiles/h800; see lego profile)"
     )
@@ -142,6 +144,7 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
                     batch_sizes,
                     args.slo_factor,
                     overhead_s=overhead_s,
+                    ready_depth=args.ready_depth,
                 )
                 summary = simulator.run(arrivals, warmup).summary()
                 duration = max(requests[-1].time_s, 1e-9) if requests else 1.0
@@ -156,6 +159,7 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
         "skew": args.skew,
         "gpus": gpu_counts[0] if len(gpu_counts) == 1 else gpu_counts,
         "overhead_ms": args.overhead_ms,
+        "ready_depth": args.ready_depth,
         "standalone_s": {name: round(s, 4) for name, s in standalone.items()},
         "capacity_rs": round(capacity_rs, 3) if capacity_rs else None,
         "max_rs_at_90": {

@@ -159,29 +159,30 @@ def test_a_bound_that_is_not_a_small_integer_is_refused_by_name() -> None:
     assert any("lora_async_steps must be an integer from 0 to 1000" in e for e in validate_spec(bad))
 
 
-def unet_workers(async_steps: int, holder_queue_s: float = 0.0) -> set[str]:
-    """Where the first UNet calls of a request go when worker `holder` holds its LoRA (its queue
-    `holder_queue_s` seconds long) and `w0` does not."""
+def unet_workers(async_steps: int, holder_queue_s: float = 0.0) -> list[str]:
+    """Where the first UNet calls of a request go, in order, when worker `holder` holds its LoRA
+    (its queue `holder_queue_s` seconds long) and `w0` does not."""
     scheduler = Scheduler(costs())
     scheduler.add_worker("w0", host="h0")
     scheduler.add_worker("holder", host="h0")
     scheduler.set_loaded("holder", [], loras=["style.safetensors"])
     scheduler._workers["holder"].busy_until = holder_queue_s
     scheduler.admit("r", "wf", graph(async_steps), 0.0)
-    placed = set()
+    placed = []
     for _ in range(3):  # text encoders and the scheduler's init, then the first UNet calls
         for dispatch in scheduler.schedule(0.0).dispatches:
             if dispatch.op == "unet":
-                placed.add(dispatch.worker_id)
+                placed.append(dispatch.worker_id)
             scheduler.complete(dispatch.batch_id, outputs_of(dispatch), 0.0, 0.01)
     return placed
 
 
 def test_a_patched_batch_goes_to_the_worker_holding_its_lora_and_starts_its_fetch_where_it_runs() -> None:
-    assert unet_workers(0) == {"holder"}
-    assert unet_workers(100) == {"holder"}  # it could start anywhere, but later steps need the LoRA
-    # a holder busier than a fetch takes: the batch fetches the LoRA on w0 instead
-    assert unet_workers(0, holder_queue_s=60.0) == {"w0"}
+    # a step's two CFG branches: the second waits for the holder rather than fetch the LoRA on w0
+    assert set(unet_workers(0)) == {"holder"}
+    assert set(unet_workers(100)) == {"holder"}  # it could start anywhere, but later steps need it
+    # a holder busier than a fetch takes: the first branch fetches the LoRA on w0 instead
+    assert unet_workers(0, holder_queue_s=60.0)[0] == "w0"
 
 
 def test_the_request_reports_how_many_denoiser_calls_ran_unpatched() -> None:

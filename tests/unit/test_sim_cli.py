@@ -46,7 +46,10 @@ def test_flux_schnell_family_runs_in_the_simulator() -> None:
     )
     figures = sim.run_simulation(args)
     assert figures["family"] == "flux-schnell"
-    assert figures["runs"][0]["requests"] == 44 and figures["runs"][0]["slo_attainment"] == 1.0
+    # 44 requests far below capacity (RS 0.5 of 9); one is late (bound only when a worker frees, its first
+    # step waits on the two transformer holders behind the earlier requests' steps: a load takes
+    # 2.7 s, more than its SLO)
+    assert figures["runs"][0]["requests"] == 44 and figures["runs"][0]["slo_attainment"] >= 0.97
     assert figures["standalone_s"]["B"] > figures["standalone_s"]["A"]  # a ControlNet call per step
 
 
@@ -62,3 +65,22 @@ def test_a_control_plane_overhead_is_simulated_and_a_bad_one_is_named() -> None:
     assert loaded["runs"][0]["p50_s"] > bare["runs"][0]["p50_s"] + 0.2
     with pytest.raises(SystemExit, match="--overhead-ms must be between 0 and 10000, got -1"):
         sim.run_simulation(parser.parse_args([*flags, "--overhead-ms", "-1"]))
+
+
+def test_ready_work_bound_when_a_worker_frees_meets_more_slos_than_queued_behind_a_busy_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # SD3-medium near capacity (2.9 rps on 8 GPUs, ~85 %): each step queued behind another
+    # request's batch (ready depth 2) advanced every request at about half speed, and the tail
+    # missed its SLOs; bound when a worker frees, the earliest deadline's step takes it.
+    parser = argparse.ArgumentParser()
+    sim.configure(parser)
+    flags = ["--trace", "poisson:rate=2.9,duration=120,seed=2", "--family", "sd3-medium", "--gpus", "8"]
+    late = sim.run_simulation(parser.parse_args(flags))
+    early = sim.run_simulation(parser.parse_args([*flags, "--ready-depth", "2"]))
+    assert (late["ready_depth"], early["ready_depth"]) == (1, 2)
+    assert late["runs"][0]["slo_attainment"] >= early["runs"][0]["slo_attainment"] + 0.05
+    assert late["runs"][0]["p90_s"] < early["runs"][0]["p90_s"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*flags, "--ready-depth", "3"])
+    assert "--ready-depth: must be 1 or 2, got 3" in capsys.readouterr().err

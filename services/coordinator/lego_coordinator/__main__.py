@@ -21,6 +21,7 @@ def config_from(args: argparse.Namespace) -> CoordinatorConfig:
         profile_dir=args.profile,
         time_scale=getattr(args, "time_scale", 1.0),  # `lego up` shares the workers' flag
         approx_cache_mb=args.approx_cache_mb,
+        ready_depth=args.ready_depth,
     )
 
 
@@ -29,6 +30,23 @@ def positive_mb(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 MiB, got {value:g}")
     return value
+
+
+def ready_depth(text: str) -> int:
+    value = int(text)
+    if value not in (1, 2):
+        raise argparse.ArgumentTypeError(f"must be 1 or 2, got {value}")
+    return value
+
+
+def add_ready_depth_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ready-depth",
+        type=ready_depth,
+        default=1,
+        help="lego: a worker takes a batch from the ready queue only while it holds fewer than this "
+        "many (1, the default: bound when it frees; 2: one queued behind its running batch)",
+    )
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +68,7 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
         help="cached latents of approximate caching, in MiB, kept in the data engines "
         f"(default {DEFAULT_CAPACITY_BYTES // 2**20})",
     )
+    add_ready_depth_flag(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

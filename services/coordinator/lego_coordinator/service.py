@@ -56,7 +56,8 @@ class CoordinatorConfig:
     enforce_slo: bool = False  # admission control and deadline drops
     slo_factor: float = 2.0  # default SLO = slo_factor x standalone latency
     profile_dir: Path | None = None
-    max_in_flight: int = 2  # batches queued on one worker (lego policy)
+    max_in_flight: int = 2  # batches queued on one worker (lego policy), chained steps included
+    ready_depth: int = 1  # ... of which taken from the ready queue (Scheduler: why)
     time_scale: float = 1.0  # the emulated workers' --time-scale: the profiles' priors are divided by it
     approx_cache_mb: float = DEFAULT_CAPACITY_BYTES / 2**20  # cached latents of approximate caching
 
@@ -70,7 +71,13 @@ def build_scheduler(config: CoordinatorConfig) -> core.Scheduler:
     costs = CostModel(ProfileSet(directory), load_batch_sizes(directory), time_scale=config.time_scale)
     approx = ApproxCache(int(config.approx_cache_mb * 2**20))
     return core.Scheduler(
-        costs, config.policy, config.enforce_slo, config.slo_factor, config.max_in_flight, approx
+        costs,
+        config.policy,
+        config.enforce_slo,
+        config.slo_factor,
+        config.max_in_flight,
+        approx,
+        config.ready_depth,
     )
 
 

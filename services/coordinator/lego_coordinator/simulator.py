@@ -134,13 +134,16 @@ class Simulator:
         slo_factor: float = 2.0,
         device_bytes: int = DEVICE_BYTES,
         overhead_s: float = 0.0,
+        ready_depth: int = 1,
     ) -> None:
         self.workflows = workflows
         self.profiles = profiles
         self.overhead_s = overhead_s  # per batch: the control plane's turnaround beside its execution
         self.truth = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
         costs = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
-        self.scheduler = core.Scheduler(costs, policy, enforce_slo=True, slo_factor=slo_factor)
+        self.scheduler = core.Scheduler(
+            costs, policy, enforce_slo=True, slo_factor=slo_factor, ready_depth=ready_depth
+        )
         self.workers = {f"gpu{i}": _SimWorker(f"gpu{i}", DeviceCache(device_bytes)) for i in range(gpus)}
         self._events: list[tuple[float, int, _Submit | _Done]] = []
         self._seq = itertools.count()
