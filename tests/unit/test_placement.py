@@ -24,6 +24,7 @@ from lego_cli.workloads import assign_tenants, warmup_of, workload
 from lego_coordinator import scheduler as core
 from lego_coordinator.placement import WorkerPools
 from lego_coordinator.ready_queue import COMPACT_AT, ReadyQueue
+from lego_coordinator.ready_queue import Item as ReadyItem
 from lego_coordinator.simulator import Arrival, Simulator
 
 MODELS = ("unet", "vae", "controlnet")
@@ -164,7 +165,7 @@ def _plain_round(scheduler: core.Scheduler, now: float, decisions: core.Decision
     scheduler._preload_hot_models(decisions)
 
 
-def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, str, tuple[str, ...]]]:
+def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> Dispatched:
     """Every dispatch (time, worker, tasks) of a loaded two-family mix on 6 simulated GPUs."""
     if not shortcuts:
         monkeypatch.setattr(
@@ -176,15 +177,29 @@ def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[f
         )
         monkeypatch.setattr(core.Scheduler, "_waits_for_holders", lambda self, batch, now, waiting: False)
         monkeypatch.setattr(core.Scheduler, "_schedule_lego", _plain_round)
-    mix = workload("flux-schnell,sd3-medium")
-    requests = parse_synthetic("poisson:rate=3,duration=40,seed=3")
+    dispatched, summary = _dispatches(
+        "flux-schnell,sd3-medium", "poisson:rate=3,duration=40,seed=3", 6, monkeypatch
+    )
+    assert summary["completed"] > 0 and (summary["rejected"] or summary["dropped"])  # it was loaded
+    return dispatched
+
+
+Dispatched = list[tuple[float, str, tuple[str, ...]]]
+
+
+def _dispatches(
+    families: str, trace: str, gpus: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Dispatched, dict[str, object]]:
+    """Every dispatch (time, worker, tasks) of a simulated run, and its summary."""
+    mix = workload(families)
+    requests = parse_synthetic(trace)
     tenants = assign_tenants(requests, sorted(mix.workflows), 0.0, seed=3)
     arrivals = [Arrival(r.time_s, t, mix.inputs[t]) for r, t in zip(requests, tenants, strict=True)]
     plan = warmup_of([(a.time_s, a.workflow) for a in arrivals], sorted(mix.workflows), 10.0)
     warmup = [Arrival(at, tenant, mix.inputs[tenant]) for at, tenant in plan]
     directory = default_profile_dir()
-    simulator = Simulator(mix.workflows, 6, ProfileSet(directory), "lego", load_batch_sizes(directory))
-    dispatched: list[tuple[float, str, tuple[str, ...]]] = []
+    simulator = Simulator(mix.workflows, gpus, ProfileSet(directory), "lego", load_batch_sizes(directory))
+    dispatched: Dispatched = []
     start = simulator._start
 
     def record(dispatch: core.Dispatch, now: float) -> None:
@@ -192,9 +207,7 @@ def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[f
         start(dispatch, now)
 
     monkeypatch.setattr(simulator, "_start", record)
-    summary = simulator.run(arrivals, warmup).summary()
-    assert summary["completed"] > 0 and (summary["rejected"] or summary["dropped"])  # it was loaded
-    return dispatched
+    return dispatched, simulator.run(arrivals, warmup).summary()
 
 
 @pytest.mark.skipif(native.requested(), reason="replaces the scheduler's methods: compiled classes forbid it")
@@ -209,11 +222,54 @@ def test_the_shortcuts_dispatch_exactly_as_pricing_every_worker(monkeypatch: pyt
         used["waited"] += answer
         return answer
 
+    every = core.Scheduler._every_batch_waits
+
+    def counted_every(
+        self: core.Scheduler,
+        model: str,
+        groups: list[tuple[list[ReadyItem], int, int]],
+        waiting: Counter[str],
+        now: float,
+    ) -> bool:
+        answer = every(self, model, groups, waiting, now)
+        used["all waited"] += answer
+        return answer
+
     with monkeypatch.context() as fast_run:
         fast_run.setattr(core.Scheduler, "_waits_for_holders", counted_waits)
+        fast_run.setattr(core.Scheduler, "_every_batch_waits", counted_every)
         fast = _decisions(True, fast_run)
     with monkeypatch.context() as plain_run:
         slow = _decisions(False, plain_run)
-    assert used["waited"] > 100  # the shortcut was taken, often
+    assert used["all waited"] > 1000 and used["waited"] > 10  # the shortcuts were taken, often
     assert len(fast) > 1000
     assert fast == slow
+
+
+BURST = "gamma:rate=2,cv=8,duration=120,seed=1"
+
+
+@pytest.mark.skipif(native.requested(), reason="replaces the scheduler's methods: compiled classes forbid it")
+def test_leaving_out_the_batches_that_would_wait_dispatches_exactly_as_looking_at_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a batch queued behind the one making its inputs, on a busy holder of a model whose batches
+    # were all going to wait, changes that answer mid-round: a round that had dropped the model's
+    # batches for the rest of it dispatched differently here
+    every = core.Scheduler._every_batch_waits
+    used: Counter[str] = Counter()
+
+    def counted_every(self: core.Scheduler, *args: object) -> bool:
+        answer = every(self, *args)  # type: ignore[arg-type]
+        used["all waited"] += answer
+        return answer
+
+    with monkeypatch.context() as fast_run:
+        fast_run.setattr(core.Scheduler, "_every_batch_waits", counted_every)
+        fast, _ = _dispatches("flux-schnell", BURST, 8, fast_run)
+    with monkeypatch.context() as plain_run:
+        plain_run.setattr(core.Scheduler, "_every_batch_waits", lambda self, *args: False)
+        plain, _ = _dispatches("flux-schnell", BURST, 8, plain_run)
+    assert used["all waited"] > 100
+    assert len(fast) > 1000
+    assert fast == plain

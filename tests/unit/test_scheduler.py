@@ -237,6 +237,26 @@ def test_a_busy_worker_takes_ready_work_only_when_it_frees() -> None:
             assert [d.op for d in taken] == ["text_encoder"] and taken[0].tasks[0].request_id == "second"
 
 
+def test_a_worker_takes_its_next_batch_once_its_queue_ends_within_the_bind_ahead_time() -> None:
+    # on a live cluster a batch reaches its worker a control-plane round trip after it is sent:
+    # bound that long before the worker frees, it is there when the last one ends
+    scheduler = make(workers=1, bind_ahead_s=0.01)
+    scheduler.admit("first", "wf", graph(), 0.0)
+    assert [d.op for d in scheduler.schedule(0.0).dispatches] == ["text_encoder"]
+    end = scheduler._workers["w0"].busy_until
+    scheduler.admit("second", "other", graph(spec=OTHER), 0.0)
+    assert not [d for d in scheduler.schedule(end - 0.02).dispatches if not d.side_lane]
+    bound = [d for d in scheduler.schedule(end - 0.005).dispatches if not d.side_lane]
+    assert [(d.op, d.tasks[0].request_id) for d in bound] == [("text_encoder", "second")]
+    # without one (a simulation without --overhead-ms), it waits for the worker to free
+    scheduler = make(workers=1, bind_ahead_s=0.0)
+    scheduler.admit("first", "wf", graph(), 0.0)
+    scheduler.schedule(0.0)
+    scheduler.admit("second", "other", graph(spec=OTHER), 0.0)
+    end = scheduler._workers["w0"].busy_until
+    assert not [d for d in scheduler.schedule(end - 0.001).dispatches if not d.side_lane]
+
+
 def test_scheduler_state_stays_on_the_worker_that_initialised_it() -> None:
     scheduler = make(workers=3)
     scheduler.admit("r1", "wf", graph(steps=4), 0.0)

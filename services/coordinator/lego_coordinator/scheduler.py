@@ -7,7 +7,9 @@ It holds each request's DAG state and decides, on every `schedule(now)`, what ru
   (latency-mode size, throughput-mode size when the ready work outnumbers the idle workers); batches
   are split across idle workers when that finishes sooner (adaptive parallelism, e.g. the two CFG
   branches of a step); each batch goes to the worker where it would finish first (queued work +
-  model load if not resident + input transfer + execution); a request's noise-scheduler nodes
+  model load if not resident + input transfer + execution), taken from the ready queue only when
+  a worker frees (`ready_depth`), a step chained behind the batch making its inputs apart; a
+  request's noise-scheduler nodes
   (fractions of a millisecond each) go to the worker holding its scheduler state at once and run
   there beside its queue (the side lane), not behind its queued batches; hot models get preloaded on idle
   workers; requests are admitted only if their SLO can be met; a request of a loop with
@@ -45,11 +47,16 @@ from lego.values import Scalar
 from lego_coordinator.approx_cache import ApproxCache, Handle, Hit, candidate_skips
 from lego_coordinator.costs import CostModel, PendingWork
 from lego_coordinator.placement import WorkerPools
+from lego_coordinator.ready_queue import Item as ReadyItem
 from lego_coordinator.ready_queue import ReadyQueue
 
 POLICIES = ("lego", "static", "clockwork", "shepherd")
 FailureCode = Literal["unavailable", "deadline", "cancelled", "internal"]
 PRELOAD_BACKLOG_S = 0.25  # pending work per replica above which a hot model is preloaded elsewhere
+# A worker whose queue ends within twice the learned control-plane overhead per batch may take its
+# next batch from the ready queue already (`Scheduler._takes_ready`), when that overhead is at least
+# this: below it there is no gap worth hiding.
+MIN_BIND_AHEAD_S = 0.001
 SHEPHERD_REPLAN_S = 10.0
 # The share of the SLO the admission estimate may fill. The estimate (the work ahead spread over
 # the workers, then the request's own standalone latency) is an upper bound, as for any list
@@ -286,6 +293,7 @@ class Scheduler:
         max_in_flight: int = 2,
         approx_cache: ApproxCache | None = None,
         ready_depth: int = 1,
+        bind_ahead_s: float | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -303,6 +311,8 @@ class Scheduler:
         # GPUs, six seeds: 0.883 attainment with 2, 0.949 with 1; clockwork 0.961).
         self.max_in_flight = max_in_flight if policy == "lego" else 1
         self.ready_depth = min(ready_depth, self.max_in_flight)
+        self.bind_ahead_s = bind_ahead_s  # None: twice the learned overhead (`_bind_ahead`)
+        self._bind_wakes: list[tuple[float, str, float]] = []  # (when, worker, its busy_until then)
         self._requests: dict[str, _Request] = {}
         self._workers: dict[str, _Worker] = {}
         self._ready = ReadyQueue(
@@ -311,6 +321,8 @@ class Scheduler:
         self._in_flight: dict[str, Dispatch] = {}
         self._seq = itertools.count()
         self._batch_ids = itertools.count(1)
+        self._dispatches = 0  # so far: what a round's `_every_batch_waits` answers hold until
+        self._dispatches_behind = 0  # ... of those, queued on a worker taking no ready work
         self._worker_index = itertools.count()
         self._arrivals: Counter[str] = Counter()  # shepherd's view of the request mix
         self._plan: dict[str, list[str]] = {}  # workflow → workers (static, shepherd)
@@ -357,10 +369,38 @@ class Scheduler:
             self._refresh(worker)
         self._hold(worker, worker.loaded | set(loaded or []))
 
+    def _takes_ready(self, worker: _Worker) -> bool:
+        """Whether the worker may take a batch from the ready queue: while it holds fewer than
+        `ready_depth` batches, and one more once its queue ends within the bind-ahead time (twice
+        the learned control-plane overhead per batch: dispatch, input fetch, report), so that on a
+        live cluster the next batch is there when the last one ends. A worker past its estimated
+        end takes none: when it will free is not known."""
+        held = len(worker.in_flight)
+        if held < self.ready_depth:
+            return True
+        return held < self.max_in_flight and 0.0 <= worker.busy_until - self._pools.now < self._bind_ahead()
+
+    def _bind_ahead(self) -> float:
+        """How long before a worker's queue ends it may take its next batch (a simulator gives its
+        modelled overhead; a live coordinator learns it)."""
+        if self.bind_ahead_s is not None:
+            return self.bind_ahead_s
+        overhead = self.costs.overhead_s
+        return 2 * overhead if overhead >= MIN_BIND_AHEAD_S else 0.0
+
+    def _wake_to_bind_ahead(self, worker: _Worker) -> None:
+        """A worker that may take its next batch early, but not yet: filed again when it may."""
+        ahead = self._bind_ahead()
+        held = len(worker.in_flight)
+        if ahead > 0 and held == self.ready_depth and worker.busy_until - self._pools.now >= ahead:
+            heapq.heappush(self._bind_wakes, (worker.busy_until - ahead, worker.worker_id, worker.busy_until))
+
     def _refresh(self, worker: _Worker) -> None:
         """File the worker anew in the placement indexes: its queue, membership or draining changed."""
         active = self._workers.get(worker.worker_id) is worker and not worker.draining
-        self._pools.update(worker, active and len(worker.in_flight) < self.ready_depth)
+        self._pools.update(worker, active and self._takes_ready(worker))
+        if active and self.ready_depth < self.max_in_flight:
+            self._wake_to_bind_ahead(worker)
         if active and not worker.in_flight:
             self._idle.add(worker.worker_id)
         else:
@@ -652,6 +692,11 @@ class Scheduler:
     def schedule(self, now: float) -> Decisions:
         decisions = Decisions()
         self._pools.advance(now)
+        while self._bind_wakes and self._bind_wakes[0][0] <= now:
+            _, worker_id, busy_until = heapq.heappop(self._bind_wakes)
+            worker = self._workers.get(worker_id)
+            if worker is not None and worker.busy_until == busy_until:  # its queue as it was then
+                self._refresh(worker)
         self._drop_expired(now, decisions.events)
         if self.policy == "lego":
             self._schedule_lego(now, decisions)
@@ -755,7 +800,7 @@ class Scheduler:
         lane = self._ready.lane_items()  # the round looks at the entries ready when it starts
         passed: tuple[object, ...] = ()  # the priority of the last batch looked at while there was room
         if room:
-            for batch in self._batches_by_priority(len(self._idle)):
+            for batch in self._batches_by_priority(len(self._idle), now, waiting):
                 passed = self._priority(batch[0])
                 self._try_to_dispatch(batch, now, waiting, decisions)
                 if not self._has_room():
@@ -777,25 +822,34 @@ class Scheduler:
         if worker is not None and not self._wait_for_holder(batch, worker, now, waiting):
             self._dispatch(batch, worker, now, decisions)
 
-    def _batches_by_priority(self, idle: int) -> Iterable[list[tuple[str, str]]]:
+    def _batches_by_priority(
+        self, idle: int, now: float, waiting: Counter[str]
+    ) -> Iterable[list[tuple[str, str]]]:
         """The round's batches, highest-priority lead first. With more idle workers than unfinished
         requests (light load, few entries) all at once, to split some over the idle workers;
         otherwise formed one at a time, as the round takes them: a round stops looking once no
-        worker has room, and under load hundreds of entries wait that it would not reach."""
+        worker has room, and under load hundreds of entries wait that it would not reach. There,
+        the batches of a model that would each choose to wait for its busy holders are left out
+        (`_every_batch_waits`)."""
         if idle > self.in_flight_requests():
             batches = self._split_for_parallelism(list(self._merged_batches(idle)), idle)
             return sorted(batches, key=lambda batch: self._priority(batch[0]))
-        return self._merged_batches(idle)
+        return self._merged_batches(idle, (now, waiting))
 
-    def _merged_batches(self, idle: int) -> Iterator[list[tuple[str, str]]]:
+    def _merged_batches(
+        self, idle: int, skipping: tuple[float, Counter[str]] | None = None
+    ) -> Iterator[list[tuple[str, str]]]:
         """The ready queue cut into batches, each when asked for, highest-priority lead first: each
         group (batch key) into consecutive batches in priority order, one node each for a
         noise-scheduler node, else the latency-mode size, or the throughput-mode one when the
         group's ready work needs more workers than are idle; the groups' next batches merge on
-        their leads' priorities."""
+        their leads' priorities. With `skipping` (the round's time and its count of batches left
+        waiting per model), a model's batches are counted as waiting instead of yielded while
+        `_every_batch_waits` says each still to come would wait."""
         heads: list[tuple[tuple[object, ...], int, int]] = []  # (lead priority, group, position)
         groups = self._ready.groups()
         limits = []
+        models = []
         for index, items in enumerate(groups):
             node = self._node(items[0][2])
             if _stateful(node):  # one node a batch; one waiting for its state's replay is left out
@@ -804,17 +858,40 @@ class Scheduler:
                 latency, throughput = self.costs.batch_limits(node)
                 limits.append(throughput if len(items) > latency * max(1, idle) else latency)
             heads.append((items[0][0], index, 0))
+            models.append(node.model)
         heapq.heapify(heads)
+        positions = [0] * len(groups)  # where each group's next batch starts
+        checked: dict[str, tuple[int, int, bool]] = {}  # model → (dispatches by then, …, whether all wait)
         while heads:
             _, index, position = heads[0]
             items, limit = groups[index], limits[index]
+            waits = False  # whether this batch would wait for its model's busy holders
+            if skipping is not None:
+                model = models[index]
+                seen = checked.get(model)
+                # "all wait" holds until a batch is queued on a full worker (a holder, maybe)
+                if (
+                    seen is None
+                    or seen[1] != self._dispatches_behind
+                    or (not seen[2] and seen[0] != self._dispatches)
+                ):
+                    now, waiting = skipping
+                    rest = [(groups[g], positions[g], limits[g]) for g, m in enumerate(models) if m == model]
+                    every = self._every_batch_waits(model, rest, waiting, now)
+                    seen = checked[model] = self._dispatches, self._dispatches_behind, every
+                waits = seen[2]
             batch = [entry for _, _, entry in items[position : position + limit]]
             position += limit
+            positions[index] = position
             if position < len(items):
                 heapq.heapreplace(heads, (items[position][0], index, position))
             else:
                 heapq.heappop(heads)
-            if self._runnable(batch[0]):
+            if not self._runnable(batch[0]):
+                continue
+            if skipping is not None and waits:  # counted as `_waits_for_holders` counts it
+                skipping[1][models[index]] += 1
+            else:
                 yield batch
 
     def _runnable(self, entry: tuple[str, str]) -> bool:
@@ -824,7 +901,7 @@ class Scheduler:
     def _has_room(self) -> bool:
         """Whether some worker can take a batch (a draining one only for requests whose state it holds)."""
         return len(self._pools) > 0 or any(
-            len(self._workers[worker_id].in_flight) < self.ready_depth for worker_id in self._draining
+            self._takes_ready(self._workers[worker_id]) for worker_id in self._draining
         )
 
     def _side_lane(self, node: TaskNode) -> bool:
@@ -849,7 +926,7 @@ class Scheduler:
                 self._ready.add(entry)
 
     def _has_room_for(self, worker: _Worker, node: TaskNode) -> bool:
-        return self._side_lane(node) or len(worker.in_flight) < self.ready_depth
+        return self._side_lane(node) or self._takes_ready(worker)
 
     def _place(self, batch: list[tuple[str, str]], now: float) -> _Worker | None:
         """The cheapest worker for the batch (ties to the lowest index), if any may take it. A node
@@ -866,9 +943,7 @@ class Scheduler:
         if holder is not None:
             candidates = [holder]
         elif node.patches or waiting:
-            candidates = [
-                w for w in self._workers.values() if not w.draining and len(w.in_flight) < self.ready_depth
-            ]
+            candidates = [w for w in self._workers.values() if not w.draining and self._takes_ready(w)]
         else:
             candidates = self._pools.finalists(node.model, hosts, made_at)
         if made_at > now and holder is None and len(self._idle) <= self.in_flight_requests():
@@ -996,6 +1071,39 @@ class Scheduler:
     def _batch_limit(self, node: TaskNode) -> int:
         return 1 if _stateful(node) else self.costs.batch_limits(node)[0]
 
+    def _every_batch_waits(
+        self, model: str, groups: list[tuple[list[ReadyItem], int, int]], waiting: Counter[str], now: float
+    ) -> bool:
+        """Whether `_waits_for_holders` would answer yes for each batch still to come this round of
+        `model`'s groups (items, where the next batch starts, batch size), so the round need not
+        look at them. It would where no worker with room holds or preloads the model and no batch
+        has a deferred constraint, when even the last of them, behind those already left waiting,
+        queued for the full holders ends before a load would: `free_in + k * exec / holders` grows
+        with k, and nothing the round dispatches meanwhile changes the holders (they take no ready
+        batch: they are full; a batch queued behind the one making its inputs makes the round ask
+        again) or gives a worker with room the model (only a batch of the model would).
+        With ready work bound only when a worker frees, 256 simulated GPUs spent most of their
+        rounds looking at such batches (5.3 M looks for 44 k dispatches over 10 s of arrivals)."""
+        if not len(self._pools) or self._preloads[model] > 0 or self._pools.holds(model):
+            return False
+        full, first_free = self._full_holders_of(model, now)
+        if not full:
+            return False
+        last = waiting[model] + sum(-(-(len(items) - start) // limit) for items, start, limit in groups)
+        free_in = max(0.0, first_free - now)
+        load = self.costs.load_s(model)
+        for items, start, limit in groups:
+            for lead in range(start, len(items), limit):
+                batch = [entry for _, _, entry in items[lead : lead + limit]]
+                node = self._node(batch[0])
+                if node.patches or node.state_key or _stateful(node):
+                    return False
+                if any(self._deferred_constraints(batch)):
+                    return False
+                if free_in + last * self.costs.exec_s(node, len(batch)) / len(full) >= load:
+                    return False
+        return True
+
     def _waits_for_holders(self, batch: list[tuple[str, str]], now: float, waiting: Counter[str]) -> bool:
         """`_wait_for_holder` before pricing any worker, where its answer cannot depend on the worker
         chosen: no worker with room holds or preloads the model, so the cheapest one would load it.
@@ -1050,7 +1158,7 @@ class Scheduler:
             full = [
                 w
                 for w in self._workers.values()
-                if not w.draining and len(w.in_flight) >= self.ready_depth and sources <= w.loras
+                if not w.draining and not self._takes_ready(w) and sources <= w.loras
             ]
             holders = self._safe_for_deferred(batch, full)
             if holders:
@@ -1072,7 +1180,7 @@ class Scheduler:
             full = [
                 w
                 for w in map(self._workers.__getitem__, self._holders[model])
-                if not w.draining and len(w.in_flight) >= self.ready_depth and w.busy_until > now - load
+                if not w.draining and not self._takes_ready(w) and w.busy_until > now - load
             ]
             self._full_holders[model] = full, min((w.busy_until for w in full), default=math.inf)
         return self._full_holders[model]
@@ -1171,6 +1279,7 @@ class Scheduler:
         )
         self._ready.difference_update(batch)
         self._full_holders.clear()
+        self._dispatches += 1
         self._in_flight[batch_id] = dispatch
         decisions.dispatches.append(dispatch)
         self._touch(worker, {request_id for request_id, _ in batch})
@@ -1180,6 +1289,8 @@ class Scheduler:
             worker.side.append(batch_id)
             end = start + self.costs.exec_s(first, len(batch))
         else:
+            if not self._takes_ready(worker):  # behind the batch making its inputs
+                self._dispatches_behind += 1
             worker.in_flight.append(batch_id)
             load = self._load_s(worker, [task.node for task in tasks])
             worker.loras.update(source for source, _ in first.patches)  # fetched there from now on

@@ -142,7 +142,12 @@ class Simulator:
         self.truth = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
         costs = CostModel(profiles, batch_sizes or {}, overhead_s=overhead_s)
         self.scheduler = core.Scheduler(
-            costs, policy, enforce_slo=True, slo_factor=slo_factor, ready_depth=ready_depth
+            costs,
+            policy,
+            enforce_slo=True,
+            slo_factor=slo_factor,
+            ready_depth=ready_depth,
+            bind_ahead_s=2 * overhead_s,  # what the live coordinator learns: twice its overhead
         )
         self.workers = {f"gpu{i}": _SimWorker(f"gpu{i}", DeviceCache(device_bytes)) for i in range(gpus)}
         self._events: list[tuple[float, int, _Submit | _Done]] = []
