@@ -313,6 +313,7 @@ class Scheduler:
         self.ready_depth = min(ready_depth, self.max_in_flight)
         self.bind_ahead_s = bind_ahead_s  # None: twice the learned overhead (`_bind_ahead`)
         self._bind_wakes: list[tuple[float, str, float]] = []  # (when, worker, its busy_until then)
+        self._bind_waking: dict[str, float] = {}  # worker → the busy_until its wake is filed for
         self._requests: dict[str, _Request] = {}
         self._workers: dict[str, _Worker] = {}
         self._ready = ReadyQueue(
@@ -391,8 +392,12 @@ class Scheduler:
     def _wake_to_bind_ahead(self, worker: _Worker) -> None:
         """A worker that may take its next batch early, but not yet: filed again when it may."""
         ahead = self._bind_ahead()
-        held = len(worker.in_flight)
-        if ahead > 0 and held == self.ready_depth and worker.busy_until - self._pools.now >= ahead:
+        if ahead <= 0 or len(worker.in_flight) != self.ready_depth:
+            return
+        if worker.busy_until - self._pools.now < ahead:  # it may take one now (`_takes_ready`)
+            return
+        if self._bind_waking.get(worker.worker_id) != worker.busy_until:  # filed once per queue
+            self._bind_waking[worker.worker_id] = worker.busy_until
             heapq.heappush(self._bind_wakes, (worker.busy_until - ahead, worker.worker_id, worker.busy_until))
 
     def _refresh(self, worker: _Worker) -> None:
@@ -694,6 +699,8 @@ class Scheduler:
         self._pools.advance(now)
         while self._bind_wakes and self._bind_wakes[0][0] <= now:
             _, worker_id, busy_until = heapq.heappop(self._bind_wakes)
+            if self._bind_waking.get(worker_id) == busy_until:
+                del self._bind_waking[worker_id]
             worker = self._workers.get(worker_id)
             if worker is not None and worker.busy_until == busy_until:  # its queue as it was then
                 self._refresh(worker)
