@@ -1157,11 +1157,11 @@ class Scheduler:
     ) -> bool:
         """The same for a batch of LoRA-patched nodes whose chosen worker lacks the LoRAs: it
         queues for a full worker holding them when that ends it sooner, with the batches left for
-        those workers this round ahead of it (`_cost` prices a fetch even for steps that may start
-        without it: the loop's later steps need it there)."""
+        those workers this round ahead of it. Not steps that may start without their LoRAs
+        (asynchronous LoRA loading): they start on the free worker while it fetches them."""
         nodes = [self._node(entry) for entry in batch]
         sources = {source for source, _ in nodes[0].patches}
-        if not sources <= chosen.loras:
+        if not sources <= chosen.loras and not all(node.patches_optional for node in nodes):
             full = [
                 w
                 for w in self._workers.values()
