@@ -130,3 +130,23 @@ async def test_a_task_released_while_an_input_is_made_here_does_not_wait_for_the
     await asyncio.wait_for(waiting, timeout=10)
     assert stream.results["init-A"].error == ""
     assert RELEASED in stream.results["decode"].error and not stream.results["decode"].results
+
+
+async def test_a_batch_released_while_it_fetches_an_input_made_elsewhere_is_answered(
+    agent: WorkerAgent,
+) -> None:
+    # The decode waits for a tensor another worker is still making (here: never put). Its request
+    # is released meanwhile (its deadline passed). The batch used to end with the fetch's
+    # CancelledError instead of an answer: the worker's queue runner died with it, and the
+    # coordinator counted the batch in flight for ever (a live bench lost a worker this way).
+    stream = Stream()
+    decode = decode_batch(["A"])
+    elsewhere = common_pb2.TensorHandle(tensor_id="A/controlnet/residuals", dtype="float32", nbytes=4)
+    elsewhere.shape.append(1)
+    decode.tasks[0].inputs["latents"].tensor.CopyFrom(elsewhere)
+    agent._expect_outputs(decode)
+    waiting = asyncio.create_task(agent._answer(stream, decode))
+    await asyncio.sleep(0.05)
+    agent._release("A")
+    await asyncio.wait_for(waiting, timeout=10)
+    assert RELEASED in stream.results["decode"].error and not stream.results["decode"].results

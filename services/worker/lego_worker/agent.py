@@ -379,7 +379,10 @@ class WorkerAgent:
             try:
                 arrays = await fetch
             except asyncio.CancelledError:
-                if not fetch.cancelled() or _being_cancelled():
+                # `_release` cancelled the fetch, or this batch is being cancelled. Test the release
+                # itself: a cancelled gather ends with CancelledError as its exception and reports
+                # `cancelled()` False, and re-raising ended the queue's runner without an answer.
+                if _being_cancelled() or not requests <= self._released.keys():
                     raise
                 raise RequestReleased(RELEASED) from None
             finally:
