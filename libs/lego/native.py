@@ -19,6 +19,7 @@ NATIVE_MODULES = (
     "lego.graph",  # the request graphs the scheduler reads all the time
     "lego_coordinator.approx_cache",
     "lego_coordinator.costs",
+    "lego_coordinator.demand",
     "lego_coordinator.placement",
     "lego_coordinator.ready_queue",
     "lego_coordinator.scheduler",

@@ -162,7 +162,7 @@ def _plain_round(scheduler: core.Scheduler, now: float, decisions: core.Decision
             room = room and scheduler._has_room()
     scheduler._chain_all = True  # chaining looks at every worker, not just those changed since
     scheduler._chain(now, decisions)
-    scheduler._preload_hot_models(decisions)
+    scheduler._preload_hot_models(now, decisions)
 
 
 def _decisions(shortcuts: bool, monkeypatch: pytest.MonkeyPatch) -> Dispatched:

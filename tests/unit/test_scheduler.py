@@ -275,6 +275,28 @@ def test_hot_models_are_preloaded_on_idle_workers_before_their_work_is_ready() -
     assert preloaded and not preloaded & {d.worker_id for d in decisions.dispatches if not d.side_lane}
 
 
+def test_a_model_in_steady_demand_is_scaled_out_before_a_backlog_builds() -> None:
+    unet = "tiny-sd15:unet"
+
+    def preloads_after(history: bool) -> set[str]:
+        scheduler = Scheduler(costs())
+        scheduler.add_worker("w0", host="h0", loaded=[unet])  # the one replica
+        for index in range(1, 4):
+            scheduler.add_worker(f"w{index}", host="h0")
+        if history:  # 6 s of 12 requests a second, each done (here: cancelled) at once
+            for index in range(72):
+                scheduler.admit(f"past{index}", "wf", graph(), index / 12)
+                scheduler.cancel(f"past{index}")
+                scheduler.release(f"past{index}")
+        for index in range(2):  # two requests open: 0.17 s of UNet work, no backlog
+            scheduler.admit(f"now{index}", "wf", graph(), 6.0)
+        return {p.model for p in scheduler.schedule(6.0).preloads}
+
+    # about 0.7 s of UNet work admitted per second lately: more than half of its one replica
+    assert unet in preloads_after(history=True)
+    assert unet not in preloads_after(history=False)
+
+
 # ---- admission, deadlines, cancellation ----
 
 
