@@ -68,10 +68,9 @@ from lego_cli.loras import assign_loras, parse_lora_mix, with_loras
 from lego_cli.plot import attainment_plot
 from lego_cli.prompts import draw_prompts, parse_prompt_set, repeat_share
 from lego_cli.sim import TARGET, add_workload_flags, arrivals_of, load_workload, policies_of
-from lego_cli.workloads import Workload, warmup_of
+from lego_cli.workloads import Workload, standalone_runs, warmup_of
 
 UNBOUNDED_SLO_MS = 3_600_000.0  # the standalone runs must not be dropped while their models load
-STANDALONE_RUNS = 2  # the first run of a workflow loads its models; the last is its standalone latency
 OPTIMISATIONS = ("embed-cache", "approx-cache", "async-lora")
 DEFAULT_EMBEDDING_CACHE_MB = 256.0
 DEFAULT_LORA_ASYNC_STEPS = 8
@@ -213,17 +212,16 @@ async def _prefetch(cluster: BenchTarget, chosen: Workload, policy: str) -> int:
 
 
 async def _standalone_s(
-    client: AsyncGatewayClient, names: dict[str, str], inputs: dict[str, dict[str, Scalar]]
+    client: AsyncGatewayClient, names: dict[str, str], chosen: Workload
 ) -> dict[str, float]:
     """Each workflow alone on the idle cluster, wall seconds (its models loaded by a first run), with
     prompts of their own: no cache, exact or approximate, may answer them."""
     measured = {}
-    for tenant, name in names.items():
-        for _ in range(STANDALONE_RUNS):
-            started = time.perf_counter()
-            alone = {**inputs[tenant], "prompt": f"standalone {uuid.uuid4().hex}"}  # like no other
-            await client.generate(name, alone, slo_ms=UNBOUNDED_SLO_MS)
-            measured[tenant] = time.perf_counter() - started
+    for tenant in standalone_runs(chosen):
+        started = time.perf_counter()
+        alone = {**chosen.inputs[tenant], "prompt": f"standalone {uuid.uuid4().hex}"}  # like no other
+        await client.generate(names[tenant], alone, slo_ms=UNBOUNDED_SLO_MS)
+        measured[tenant] = time.perf_counter() - started
     return measured
 
 
@@ -346,7 +344,7 @@ async def replay(
         names = await _register(cluster, served)
         prefetched = await _prefetch(cluster, chosen, policy)
         base = {tenant: names[tenant] for tenant in chosen.workflows}
-        standalone = await _standalone_s(client, base, chosen.inputs)
+        standalone = await _standalone_s(client, base, chosen)
         # a LoRA variant keeps its tenant's SLO: the LoRA's fetch is what the optimisation hides
         slo_s = {tenant: args.slo_factor * standalone[tenant.split("+")[0]] for tenant in served.workflows}
         unbounded = dict.fromkeys(slo_s, UNBOUNDED_SLO_MS / 1000)

@@ -27,7 +27,15 @@ from lego_coordinator.scheduler import POLICIES
 from lego_coordinator.simulator import Arrival, Simulator, offered_gpu_seconds, standalone_latencies
 
 from lego_cli.plot import attainment_plot
-from lego_cli.workloads import FAMILIES, Workload, assign_tenants, series, warmup_of, workload
+from lego_cli.workloads import (
+    FAMILIES,
+    Workload,
+    assign_tenants,
+    series,
+    standalone_runs,
+    warmup_of,
+    workload,
+)
 
 TARGET = 0.9  # the attainment a policy must hold
 
@@ -136,6 +144,7 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
                     [(a.time_s, a.workflow) for a in arrivals], sorted(chosen.workflows), args.warmup
                 )
                 warmup = [Arrival(at, tenant, chosen.inputs[tenant]) for at, tenant in plan]
+                alone = [Arrival(0.0, tenant, chosen.inputs[tenant]) for tenant in standalone_runs(chosen)]
                 simulator = Simulator(
                     chosen.workflows,
                     gpus,
@@ -146,7 +155,7 @@ def run_simulation(args: argparse.Namespace) -> dict[str, Any]:
                     overhead_s=overhead_s,
                     ready_depth=args.ready_depth,
                 )
-                summary = simulator.run(arrivals, warmup).summary()
+                summary = simulator.run(arrivals, warmup, alone).summary()
                 duration = max(requests[-1].time_s, 1e-9) if requests else 1.0
                 offered = offered_gpu_seconds(arrivals, standalone) / duration  # GPUs' worth of work
                 runs.append(

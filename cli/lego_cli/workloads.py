@@ -26,6 +26,7 @@ from lego.values import Scalar
 # The control image of B and C requests (emulated workers only check that it is there).
 CONTROL_IMAGE = encode_data_uri(np.full((64, 64, 3), 128, dtype=np.uint8))
 TENANTS = ("A", "B", "C")
+STANDALONE_RUNS = 2  # per workflow, before a run (`standalone_runs`)
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 
@@ -147,6 +148,14 @@ def series(trace: str, rs: str) -> list[tuple[float, list[TraceRequest]]]:
         raise ValueError(f"trace {trace!r} is neither a file, a directory, nor poisson:/gamma: arrivals")
     requests = load_trace(path)
     return [(factor, rescale(requests, factor)) for factor in factors]
+
+
+def standalone_runs(chosen: Workload) -> list[str]:
+    """The tenants of the requests a live bench sends alone on the idle cluster, one after another,
+    before its warm-up (lego_cli.bench_slo: the first run of a workflow loads its models, the last
+    is its standalone latency). The simulator replays them too: the models they load, one replica
+    each, are what the warm-up and the run start from."""
+    return [tenant for tenant in chosen.workflows for _ in range(STANDALONE_RUNS)]
 
 
 def warmup_of(

@@ -1,12 +1,14 @@
 """The simulator and the live emulated cluster replay the same short trace and agree: the same
 requests, standalone latencies within the control plane's overhead, attainment and median latency
-close. Both take their work from lego_cli.workloads. The bounds are loose: on a shared 2-core VM the
-live control plane (every service in one process) adds a few ms per batch, x the time scale, and a
-tail under load: a burst that makes the coordinator load the FLUX transformer on another worker
-(2.7 s, longer than the SLO) costs the live run a few requests the simulator keeps (README,
-Evaluation: sim vs live; live 0.83-0.89 against 1.0 here). This test caught the coordinator learning
-model loads as per-batch overhead (live attainment 0.38 against the simulator's 0.98) and admission
-refusing 31 of 47 requests once a stalled event loop had inflated its estimates (0.26 against 1.0)."""
+close. Both take their work from lego_cli.workloads and start alike: each workflow run alone twice
+(the live bench's standalone latencies), then the warm-up. The bounds are loose: on a shared 2-core
+VM the live control plane (every service in one process) adds a few ms per batch, x the time scale.
+Before the simulator ran the requests alone first, it started the run with more transformer replicas
+than the live cluster had (0.98 against 0.81-0.94 live; now 0.96 against 0.89 and 0.89). This test
+caught the coordinator learning model loads as per-batch overhead (live attainment 0.38 against the
+simulator's 0.98), admission refusing 31 of 47 requests once a stalled event loop had inflated its
+estimates (0.26 against 1.0), and a worker whose queue died when a request was released while a
+batch fetched an input from another worker (0.55 against 0.98)."""
 
 from __future__ import annotations
 
@@ -42,5 +44,5 @@ def test_sim_and_live_cluster_agree_on_a_short_trace(
     [simulated] = simulation["runs"]
     assert live["requests"] == simulated["requests"] > 40
     failures = (live["failures"], live["first_failure_messages"], simulated)
-    assert abs(live["slo_attainment"] - simulated["slo_attainment"]) <= 0.3, failures
+    assert abs(live["slo_attainment"] - simulated["slo_attainment"]) <= 0.2, failures
     assert simulated["p50_s"] * 0.9 <= live["p50_s"] <= simulated["p50_s"] * 1.8, (live["runs"], simulated)
