@@ -162,6 +162,7 @@ def _plain_round(scheduler: core.Scheduler, now: float, decisions: core.Decision
             room = room and scheduler._has_room()
     scheduler._chain_all = True  # chaining looks at every worker, not just those changed since
     scheduler._chain(now, decisions)
+    scheduler._count_holder_waits(now, waiting)
     scheduler._preload_hot_models(now, decisions)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 from lego.builtin_workflows import flux_txt2img, sd15_txt2img
@@ -12,6 +12,7 @@ from lego.profiles import ProfileSet, default_profile_dir, load_batch_sizes
 from lego.request_inputs import resolve_inputs
 from lego_coordinator.costs import DEFAULT_BATCH, CostModel
 from lego_coordinator.scheduler import (
+    PRELOAD_BACKLOG_S,
     BatchTask,
     Decisions,
     Dispatch,
@@ -295,6 +296,27 @@ def test_a_model_in_steady_demand_is_scaled_out_before_a_backlog_builds() -> Non
     # about 0.7 s of UNet work admitted per second lately: more than half of its one replica
     assert unet in preloads_after(history=True)
     assert unet not in preloads_after(history=False)
+
+
+def test_a_model_whose_ready_work_keeps_waiting_for_its_busy_holders_is_scaled_out() -> None:
+    # e.g. FLUX.1's text encoders on the one worker that also runs transformer steps: little work,
+    # but every request's first step waits behind a transformer step (simulated RS 8: 0.85 → 0.95)
+    unet = "tiny-sd15:unet"
+
+    def preloads_after(waited_s: float) -> set[str]:
+        scheduler = Scheduler(costs())
+        scheduler.add_worker("w0", host="h0", loaded=[unet])
+        scheduler.add_worker("w1", host="h0")
+        for index in range(2):  # two requests open: no backlog, no demand to speak of
+            scheduler.admit(f"r{index}", "wf", graph(), 0.0)
+        rounds = int(waited_s * 10) + 1
+        for index in range(rounds):  # rounds 0.1 s apart that each left UNet work waiting
+            scheduler._count_holder_waits(index / 10, Counter({unet: 1}))
+        return {p.model for p in scheduler.schedule(rounds / 10).preloads}
+
+    worth = max(PRELOAD_BACKLOG_S, costs().load_s(unet))
+    assert unet in preloads_after(waited_s=worth * 1.2)  # waiting cost more than a load: one pays
+    assert unet not in preloads_after(waited_s=worth * 0.5)
 
 
 # ---- admission, deadlines, cancellation ----

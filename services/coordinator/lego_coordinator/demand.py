@@ -1,7 +1,8 @@
-"""Each model's recent demand: the execution seconds of the work admitted for it per second,
-averaged over the last DEMAND_WINDOW_S or so (an exponentially decayed sum). Pure: the caller gives
-the time. The scheduler scales a model out when its demand per replica nears a whole device, before
-a backlog has built (lego_coordinator.scheduler `_preload_hot_models`)."""
+"""Seconds per model lately: an exponentially decayed sum over about the last DEMAND_WINDOW_S.
+Pure: the caller gives the time. The scheduler keeps two (lego_coordinator.scheduler
+`_preload_hot_models`): each model's demand, the execution seconds of the work admitted for it, and
+the seconds its ready work spent waiting for busy holders; either can scale the model out before a
+backlog has built."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import math
 DEMAND_WINDOW_S = 10.0
 
 
-class ModelDemand:
+class RecentSeconds:
     def __init__(self, window_s: float = DEMAND_WINDOW_S) -> None:
         self.window_s = window_s
-        self._sums: dict[str, tuple[float, float]] = {}  # model → (decayed seconds admitted, as of when)
+        self._sums: dict[str, tuple[float, float]] = {}  # model → (decayed seconds, as of when)
 
     def add(self, model: str, seconds: float, now: float) -> None:
-        self._sums[model] = (self._decayed(model, now) + seconds, now)
+        self._sums[model] = (self.total(model, now) + seconds, now)
 
-    def rate(self, model: str, now: float) -> float:
-        """Seconds of the model's work admitted per second, lately: 1.0 keeps one device busy."""
-        return self._decayed(model, now) / self.window_s
-
-    def _decayed(self, model: str, now: float) -> float:
+    def total(self, model: str, now: float) -> float:
+        """The seconds added lately, each faded by e^-(its age / the window)."""
         total, at = self._sums.get(model, (0.0, now))
         return total * math.exp(-max(0.0, now - at) / self.window_s)
+
+    def rate(self, model: str, now: float) -> float:
+        """Seconds per second, lately: for admitted work, 1.0 keeps one device busy."""
+        return self.total(model, now) / self.window_s

@@ -46,7 +46,7 @@ from lego.values import Scalar
 
 from lego_coordinator.approx_cache import ApproxCache, Handle, Hit, candidate_skips
 from lego_coordinator.costs import CostModel, PendingWork
-from lego_coordinator.demand import ModelDemand
+from lego_coordinator.demand import RecentSeconds
 from lego_coordinator.placement import WorkerPools
 from lego_coordinator.ready_queue import Item as ReadyItem
 from lego_coordinator.ready_queue import ReadyQueue
@@ -59,7 +59,10 @@ PRELOAD_BACKLOG_S = 0.25  # pending work per replica above which a hot model is 
 # replica waits half a step on average, and a request's steps queue one after another. With the
 # backlog rule alone (a backlog of a load time, 2.7 s for FLUX.1's transformer, above the SLO)
 # FLUX.1-schnell on a cluster whose models a first few requests had loaded ran on one transformer
-# replica until requests missed: simulated RS 1 / 4 0.944 / 0.978 → 0.966 / 0.997 with this.
+# replica until requests missed: simulated RS 1 / 4 0.944 / 0.978 → 0.966 / 0.997 with this. And
+# once its ready work has lately spent more than a load time waiting for busy holders
+# (`_count_holder_waits`): FLUX.1's text encoders, little work, sat on the one worker that also ran
+# transformer steps, and every request's first step waited behind one (RS 8: 0.85 → 0.95).
 SCALE_OUT_DEMAND = 0.5
 # A worker whose queue ends within twice the learned control-plane overhead per batch may take its
 # next batch from the ready queue already (`Scheduler._takes_ready`), when that overhead is at least
@@ -337,7 +340,9 @@ class Scheduler:
         self._plan: dict[str, list[str]] = {}  # workflow → workers (static, shepherd)
         self._planned_at = -math.inf
         self._pending_s: defaultdict[str, float] = defaultdict(float)  # model → seconds of work not done yet
-        self._demand = ModelDemand()  # model → seconds of work admitted per second, lately
+        self._demand = RecentSeconds()  # model → seconds of work admitted, lately
+        self._held_up = RecentSeconds()  # model → seconds its ready work waited for busy holders, lately
+        self._waiting_since: tuple[float, set[str]] = (0.0, set())  # the last round, its models left waiting
         self._dead: list[object] = []  # handles of tensors no node will read again
         self.approx = approx_cache or ApproxCache()
         # Indexes kept up to date so a scheduling round does not scan every request or worker:
@@ -828,6 +833,7 @@ class Scheduler:
                 if item_priority > passed and self._bound_to_side_lane(entry) and self._runnable(entry):
                     self._try_to_dispatch([entry], now, waiting, decisions)
         self._chain(now, decisions)
+        self._count_holder_waits(now, waiting)
         self._preload_hot_models(now, decisions)
 
     def _try_to_dispatch(
@@ -1234,11 +1240,21 @@ class Scheduler:
                 }
         return hosts, waiting
 
+    def _count_holder_waits(self, now: float, waiting: Counter[str]) -> None:
+        """A model whose ready work waited for busy holders in the last round and still does has
+        waited the time between the two rounds."""
+        last, waited = self._waiting_since
+        now_waiting = {model for model, count in waiting.items() if count > 0}
+        for model in waited & now_waiting:
+            self._held_up.add(model, now - last, now)
+        self._waiting_since = (now, now_waiting)
+
     def _preload_hot_models(self, now: float, decisions: Decisions) -> None:
         """Scale a model out before its work is ready: when the work admitted but not yet done for it
-        exceeds, per replica, both PRELOAD_BACKLOG_S and its load time (so the load pays off), or the
-        work admitted for it lately keeps each replica more than SCALE_OUT_DEMAND busy, an idle
-        worker loads it now. One preload per model at a time: replicas grow step by step."""
+        exceeds, per replica, both PRELOAD_BACKLOG_S and its load time (so the load pays off), when
+        the work admitted for it lately keeps each replica more than SCALE_OUT_DEMAND busy, or when
+        its ready work has lately waited that long for busy holders, an idle worker loads it now.
+        One preload per model at a time: replicas grow step by step."""
         if not self._idle:
             return
         idle: list[_Worker] | None = None  # sorted when a model first needs one
@@ -1247,8 +1263,11 @@ class Scheduler:
                 return
             holders = self._holders[model]  # up to every worker: count the draining, not copy the rest
             replicas = len(holders) - len(self._draining & holders)
-            backlogged = pending / max(1, replicas) >= max(PRELOAD_BACKLOG_S, self.costs.load_s(model))
-            if not backlogged and self._demand.rate(model, now) < SCALE_OUT_DEMAND * max(1, replicas):
+            worth = max(PRELOAD_BACKLOG_S, self.costs.load_s(model))  # seconds a replica must save
+            backlogged = pending / max(1, replicas) >= worth
+            demanded = self._demand.rate(model, now) >= SCALE_OUT_DEMAND * max(1, replicas)
+            held_up = self._held_up.total(model, now) >= worth
+            if not (backlogged or demanded or held_up):
                 continue
             if self._users(model) <= replicas:  # one request's steps run one after another
                 continue
