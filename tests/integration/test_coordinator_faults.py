@@ -139,7 +139,11 @@ def test_a_burst_far_above_capacity_gets_fast_429s_and_the_admitted_keep_their_s
     )
     try:
         asyncio.run(_warm(cluster))
-        asyncio.run(_burst(cluster.gateway_address, 3))  # calibrates the cost model's overhead
+        # calibrate the cost model's overhead: the first three requests' SLOs come from the profiles'
+        # priors and all miss; with only those learned, a third admitted request of the burst
+        # sometimes missed its SLO by a few ms (a near tie on a loaded 2-core machine)
+        for _ in range(2):
+            asyncio.run(_burst(cluster.gateway_address, 3))
         outcomes = asyncio.run(_burst(cluster.gateway_address, 40))
         rejected = [latency for outcome, latency, _ in outcomes if outcome == "RESOURCE_EXHAUSTED"]
         served = [(latency, slo) for outcome, latency, slo in outcomes if outcome == "ok"]
